@@ -15,7 +15,8 @@ COMMON = dict(
 setup(
     ext_modules=[
         # Row gather/scatter over mapped shards, seqlock reads, decoding, LRU row cache.
-        Extension("embstore._rows", sources=["embstore/_native/rows.c"], **COMMON),
+        Extension("embstore._rows", sources=["embstore/_native/rows.c"],
+                  depends=["embstore/_native/rowsource.h"], **COMMON),
         # Vectorised open-addressing hash for dynamic keys (int64 key -> row).
         Extension("embstore._keyhash", sources=["embstore/_native/keyhash.c"], **COMMON),
     ],

@@ -483,28 +483,28 @@ def test_large_cache_counters_are_consistent(cached, capacity: int,
         assert stats["hits"] + stats["misses"] == total
         assert len(order) == len(set(order)) == stats["rows"] <= capacity
         assert stats["evictions"] == stats["misses"] - stats["rows"]
-        # a row is at most capacity/8 places from the front after its use (lazy
-        # promotion), so the last capacity - capacity/8 - 1 ids used are still cached
-        keep = capacity - capacity // 8 - 1
+        # a row is at most capacity/2 places from the front after its use (lazy
+        # promotion), so the last capacity - capacity/2 - 1 ids used are still cached
+        keep = capacity - capacity // 2 - 1
         assert set(batch[-keep:]) <= set(order)
     distinct = len({r for b in batches for r in b})
     assert table.stats()["misses"] >= distinct  # the cache started empty
 
 
 def test_row_used_often_is_never_evicted_by_lazy_promotion(cached) -> None:
-    """A row used at least once per capacity/8 operations stays cached (rows.c)."""
+    """A row used at least once per capacity/2 operations stays cached (rows.c)."""
     table, rows = cached
-    table.set_cache_bytes(cache_bytes_for(64, 4))  # promotion window: 8 operations
+    table.set_cache_bytes(cache_bytes_for(64, 4))  # promotion window: 32 operations
     stream = []
     fresh = iter(range(1, 1200))
-    for _ in range(120):
+    for _ in range(36):
         stream.append(0)
-        stream.extend(next(fresh) for _ in range(7))
+        stream.extend(next(fresh) for _ in range(31))
     for row in stream:  # one id per call: each is its own operation
         table.gather(np.array([row]))
     stats = table.stats()
-    assert stats["hits"] == 119  # every use of row 0 after the first
-    assert stats["misses"] == 1 + 120 * 7
+    assert stats["hits"] == 35  # every use of row 0 after the first
+    assert stats["misses"] == 1 + 36 * 31
 
 
 @pytest.mark.parametrize("budget", [1, 3, 1000])

@@ -1,10 +1,11 @@
 /*
  * embstore._rows: the hot path of the store.
  *
- *  - RowSource: the mapped shards of one table. gather() decodes rows to float32 with a
- *    seqlock read per row (so a reader never returns a torn row while a writer in any
- *    process updates it), scatter() writes encoded rows with the writer half of the
- *    seqlock. The shard layout is docs/FORMAT.md "Shard file".
+ *  - RowSource: the mapped shards of one table. gather() decodes rows to float32 under
+ *    seqlock checks (so a reader never returns a torn row while a writer in any process
+ *    updates it), scatter() writes encoded rows with the writer half of the seqlock. The
+ *    read side (addressing, decoding, the grouped seqlock gather) is rowsource.h, shared
+ *    with the TensorFlow op; the shard layout is docs/FORMAT.md "Shard file".
  *  - RowCache: an LRU cache of decoded rows with a byte budget. Entries remember the
  *    seqlock counter they were read under; a hit whose chunk counter moved since is a
  *    miss, so the cache never serves a row older than the mapping.
@@ -22,42 +23,14 @@
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
-enum { DT_F32 = 1, DT_F16 = 2, DT_BF16 = 3, DT_I8 = 4 };
-
-/* A seqlock reader retries while a writer holds a chunk. A writer holds it for one row
- * copy (well under a microsecond), so this many attempts means the writer died
- * mid-update: report it rather than spin forever. */
-#define SEQ_MAX_SPINS 2000000
-/* How many rows ahead the gather loop prefetches: enough to cover DRAM latency for
- * 256-byte rows without thrashing L1 (native_bench/gather --prefetch sweep: 16-32 rows
- * was best, 1.5-2x over no prefetch; 4 did not help). */
-#define PREFETCH_AHEAD 16
+#include "rowsource.h"
 
 #define RC_OK 0
 #define RC_TORN (-2)
 
 static float f16_table[65536]; /* exact float16 -> float32, built once at import */
-
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: renormalise */
-            int e = -1;
-            do { e++; man <<= 1; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* ------------------------------------------------------------------------------------ */
 /* RowSource                                                                             */
@@ -79,61 +52,13 @@ typedef struct {
     int nretired;
 } RowSource;
 
-static void decode_row(const RowSource *s, const char *src, float *dst) {
-    int d = s->dim;
-    switch (s->dtype) {
-    case DT_F32:
-        memcpy(dst, src, (size_t)d * 4);
-        break;
-    case DT_F16: {
-        const uint16_t *h = (const uint16_t *)src;
-        for (int j = 0; j < d; j++) dst[j] = f16_table[h[j]];
-        break;
-    }
-    case DT_BF16: {
-        const uint16_t *h = (const uint16_t *)src;
-        for (int j = 0; j < d; j++) {
-            uint32_t bits = (uint32_t)h[j] << 16;
-            memcpy(&dst[j], &bits, 4);
-        }
-        break;
-    }
-    case DT_I8: {
-        float scale;
-        memcpy(&scale, src, 4);
-        const int8_t *q = (const int8_t *)(src + 4);
-        for (int j = 0; j < d; j++) dst[j] = (float)q[j] * scale;
-        break;
-    }
-    }
-}
-
-static inline const char *row_ptr(const RowSource *s, int64_t row) {
-    int64_t shard = row >> s->shard_log2, local = row & ((1LL << s->shard_log2) - 1);
-    return s->data[shard] + local * s->stride;
-}
-
-static inline uint64_t *seq_ptr(const RowSource *s, int64_t row) {
-    int64_t shard = row >> s->shard_log2, local = row & ((1LL << s->shard_log2) - 1);
-    return s->seq[shard] + (local >> s->chunk_log2);
-}
-
-/* Seqlock read of one row. The row copy races with a writer by design; the counter
- * check afterwards discards any copy a writer overlapped. Returns the even counter
- * value the row was read under, or UINT64_MAX if the writer never let go. */
-static uint64_t read_row(const RowSource *s, int64_t row, float *dst) {
-    const char *src = row_ptr(s, row);
-    uint64_t *sp = seq_ptr(s, row);
-    for (long spin = 0; spin < SEQ_MAX_SPINS; spin++) {
-        uint64_t before = __atomic_load_n(sp, __ATOMIC_ACQUIRE);
-        if (!(before & 1)) {
-            decode_row(s, src, dst);
-            __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (__atomic_load_n(sp, __ATOMIC_RELAXED) == before) return before;
-        }
-        if (spin > 64) sched_yield();
-    }
-    return UINT64_MAX;
+/* The reader's snapshot of the shard pointers (rowsource.h). add_shard publishes new
+ * arrays with a release store and retires, never frees, the old ones. */
+static inline es_view view_of(const RowSource *s) {
+    es_view v = {s->dtype, s->dim, s->stride, s->shard_log2, s->chunk_log2,
+                 __atomic_load_n(&s->data, __ATOMIC_ACQUIRE),
+                 __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE), f16_table};
+    return v;
 }
 
 /* Writer half: odd, copy, even. The release fence keeps the odd counter visible before
@@ -144,13 +69,13 @@ static uint64_t read_row(const RowSource *s, int64_t row, float *dst) {
  * while it replays the log over the torn chunk. The chunk then stays held (odd, moving by
  * 2) through every rewrite, and repair_seq() releases it once replay is complete; making
  * it even for the copy would expose the torn row to readers meanwhile. */
-static void write_row(RowSource *s, int64_t row, const char *src) {
-    uint64_t *sp = seq_ptr(s, row);
+static void write_row(const es_view *s, int64_t row, const char *src) {
+    uint64_t *sp = es_seq_ptr(s, row);
     uint64_t v = __atomic_load_n(sp, __ATOMIC_RELAXED);
     uint64_t held = v | 1;
     __atomic_store_n(sp, held, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    memcpy((char *)row_ptr(s, row), src, (size_t)s->stride);
+    memcpy((char *)es_row_ptr(s, row), src, (size_t)s->stride);
     __atomic_store_n(sp, (v & 1) ? held + 2 : held + 1, __ATOMIC_RELEASE);
 }
 
@@ -172,12 +97,8 @@ static inline int64_t id_at(const Py_buffer *v, Py_ssize_t i) {
 
 /* Index of the first id outside [0, num_rows), or -1. Checked before anything is written
  * so a bad batch leaves `out` untouched. */
-static Py_ssize_t first_bad(const Py_buffer *ids, Py_ssize_t n, int64_t num_rows) {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t r = id_at(ids, i);
-        if (r < 0 || r >= num_rows) return i;
-    }
-    return -1;
+static inline Py_ssize_t first_bad(const Py_buffer *ids, Py_ssize_t n, int64_t num_rows) {
+    return (Py_ssize_t)es_first_bad(ids->buf, ids->itemsize == 8, n, num_rows);
 }
 
 static int get_out(PyObject *obj, Py_buffer *view, Py_ssize_t want_floats) {
@@ -198,7 +119,7 @@ static int RowSource_init(RowSource *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iinii", kwlist, &self->dtype, &self->dim,
                                      &self->stride, &self->shard_log2, &self->chunk_log2))
         return -1;
-    if (self->dtype < DT_F32 || self->dtype > DT_I8 || self->dim < 1 || self->stride < 1 ||
+    if (self->dtype < ES_F32 || self->dtype > ES_I8 || self->dim < 1 || self->stride < 1 ||
         self->shard_log2 < 0 || self->shard_log2 > 40 || self->chunk_log2 < 0 ||
         self->chunk_log2 > self->shard_log2) {
         PyErr_SetString(PyExc_ValueError, "bad RowSource geometry");
@@ -287,21 +208,8 @@ static PyObject *RowSource_gather(RowSource *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     result = first_bad(&ids, n, self->num_rows);
     if (result < 0) {
-        float *dst = out.buf;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if (i + PREFETCH_AHEAD < n) {
-                int64_t ahead = id_at(&ids, i + PREFETCH_AHEAD);
-                const char *p = row_ptr(self, ahead);
-                __builtin_prefetch(p);
-                if (self->stride > 64) __builtin_prefetch(p + 64);
-                if (self->stride > 128) __builtin_prefetch(p + 128);
-                if (self->stride > 192) __builtin_prefetch(p + 192);
-            }
-            if (read_row(self, id_at(&ids, i), dst + (size_t)i * self->dim) == UINT64_MAX) {
-                result = RC_TORN;
-                break;
-            }
-        }
+        es_view v = view_of(self);
+        if (es_gather(&v, ids.buf, ids.itemsize == 8, n, out.buf) < 0) result = RC_TORN;
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&ids);
@@ -330,9 +238,11 @@ static PyObject *RowSource_scatter(RowSource *self, PyObject *args) {
     /* Writes may extend into rows not yet published, so check against the mapped
      * capacity, not num_rows. */
     result = first_bad(&ids, n, (int64_t)self->nshards << self->shard_log2);
-    if (result < 0)
+    if (result < 0) {
+        es_view v = view_of(self);
         for (Py_ssize_t i = 0; i < n; i++)
-            write_row(self, id_at(&ids, i), (const char *)rows.buf + i * self->stride);
+            write_row(&v, id_at(&ids, i), (const char *)rows.buf + i * self->stride);
+    }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&ids);
     PyBuffer_Release(&rows);
@@ -389,10 +299,30 @@ static PyTypeObject RowSourceType = {
 /* Why lazy promotion: relinking a row on every hit costs two extra random memory        */
 /* accesses (its neighbours), which made a 100%-hit gather 3x slower than reading the    */
 /* mapping. A hit relinks only if the row is not already among the most recent           */
-/* capacity/8 list positions (every insert or relink ticks `clock`, so clock - stamp     */
-/* bounds a row's distance from the front). A row used at least once per capacity/8      */
-/* operations is never evicted, exactly as under strict LRU; eviction always takes the   */
-/* list tail. Caches of fewer than 16 rows promote on every hit (strict LRU).            */
+/* capacity/2 list positions (every insert or relink ticks `clock`, so clock - stamp     */
+/* bounds a row's distance from the front). A row used at least once per capacity/2      */
+/* operations is never evicted; eviction always takes the list tail. The window is half  */
+/* the cache so that a working set cycling through up to half the cache causes no        */
+/* relinks at all (with capacity/8, a uniform cycle over 40% of the cache relinked on     */
+/* every hit and ran at 0.6x the speed). Caches of fewer than 16 rows promote on every   */
+/* hit (strict LRU).                                                                     */
+
+/* Cache arrays live in anonymous mappings marked MADV_HUGEPAGE: a hit touches a bucket, a
+ * slot and a row at three random places of arrays that reach hundreds of MB, and with
+ * 4 KiB pages each of those is also a TLB miss (a page walk) that a 2 MiB page avoids.
+ * Where transparent huge pages are off the advice is ignored and nothing changes. */
+static void *big_alloc(size_t bytes) {
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+#ifdef MADV_HUGEPAGE
+    if (bytes >= (2u << 20)) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+static void big_free(void *p, size_t bytes) {
+    if (p) munmap(p, bytes);
+}
 
 typedef struct {
     int64_t row;    /* -1 = free */
@@ -522,10 +452,10 @@ static int RowCache_init(RowCache *self, PyObject *args, PyObject *kw) {
     while (hsize < (uint64_t)capacity * 2u) hsize <<= 1; /* load factor <= 0.5 */
     self->capacity = capacity;
     self->hmask = hsize - 1;
-    self->window = capacity >= 16 ? (uint64_t)capacity / 8 : 0;
-    self->hash = PyMem_Malloc(sizeof(uint64_t) * hsize);
-    self->slots = PyMem_Malloc(sizeof(Slot) * (size_t)capacity);
-    self->rows = PyMem_Malloc(sizeof(float) * (size_t)capacity * self->dim);
+    self->window = capacity >= 16 ? (uint64_t)capacity / 2 : 0;
+    self->hash = big_alloc(sizeof(uint64_t) * hsize);
+    self->slots = big_alloc(sizeof(Slot) * (size_t)capacity);
+    self->rows = big_alloc(sizeof(float) * (size_t)capacity * self->dim);
     if (!self->hash || !self->slots || !self->rows) {
         PyErr_NoMemory();
         return -1;
@@ -537,39 +467,32 @@ static int RowCache_init(RowCache *self, PyObject *args, PyObject *kw) {
 
 static void RowCache_dealloc(RowCache *self) {
     if (self->hash) pthread_mutex_destroy(&self->lock);
-    PyMem_Free(self->hash);
-    PyMem_Free(self->slots);
-    PyMem_Free(self->rows);
+    big_free(self->hash, sizeof(uint64_t) * (self->hmask + 1));
+    big_free(self->slots, sizeof(Slot) * (size_t)self->capacity);
+    big_free(self->rows, sizeof(float) * (size_t)self->capacity * self->dim);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* A hit is a chain of dependent loads (bucket -> slot -> cached row), each a likely
- * cache miss. Walking ids one by one serialises those misses (measured: 9 M hits/s
- * against 49 M rows/s straight from the mapping). So ids are processed in blocks:
- * pass 1 finds each id's candidate slot by bucket tag alone and prefetches the slot and
- * its row; pass 2 confirms the candidate (the slot now sits in cache) and copies. */
-#define CACHE_BLOCK 32
+/* A hit is a chain of dependent loads (id -> bucket -> slot and cached row), each a
+ * likely cache miss; walking ids one by one serialises those misses (measured: 9 M
+ * hits/s against 49 M rows/s straight from the mapping). So the loop is a three-stage
+ * software pipeline over the ids, each stage PIPE_DIST ids ahead of the next:
+ *   stage 1 (id i + 2D): prefetch its hash bucket and its seqlock counter;
+ *   stage 2 (id i + D):  read the bucket (now in cache) for a candidate slot by tag,
+ *                        prefetch that slot and its cached row, or the mapped row if the
+ *                        id is not cached (it will be a miss);
+ *   stage 3 (id i):      confirm the candidate and copy, or read through on a miss.
+ * About 2D ids' worth of loads are in flight at any time, and no stage waits on memory
+ * that was requested less than D ids ago. A candidate may be stale by stage 3 (a miss in
+ * between evicted or moved it), so stage 3 confirms it and falls back to a full probe. */
+#define PIPE_DIST 32 /* A/B on 4M x 64 bfloat16, 100% hits: 4 -> 0.68x of 8, 16 -> 1.35x, 32 -> 1.1x of 16, 48 = 32 */
+#define PIPE_RING 128 /* power of two > 2 * PIPE_DIST */
 
 static inline int32_t cache_candidate(const RowCache *c, uint64_t hv) {
     for (uint64_t h = hv & c->hmask;; h = (h + 1) & c->hmask) {
         uint64_t b = c->hash[h];
         if (!b) return -1;
         if ((b >> 32) == TAG(hv)) return (int32_t)(b & 0xffffffffu) - 1;
-    }
-}
-
-static void cache_resolve_block(const RowCache *c, const Py_buffer *ids, Py_ssize_t lo,
-                                Py_ssize_t hi, int32_t *cand) {
-    for (Py_ssize_t i = lo; i < hi; i++)
-        __builtin_prefetch(&c->hash[mix64((uint64_t)id_at(ids, i)) & c->hmask]);
-    for (Py_ssize_t i = lo; i < hi; i++) {
-        int32_t s = cache_candidate(c, mix64((uint64_t)id_at(ids, i)));
-        cand[i - lo] = s;
-        if (s >= 0) {
-            const char *r = (const char *)(c->rows + (size_t)s * c->dim);
-            __builtin_prefetch(&c->slots[s]);
-            for (int off = 0; off < c->dim * 4; off += 64) __builtin_prefetch(r + off);
-        }
     }
 }
 
@@ -594,49 +517,65 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     result = first_bad(&ids, n, src->num_rows);
     if (result < 0) {
+        es_view v = view_of(src);
         pthread_mutex_lock(&self->lock);
-        int32_t cand[CACHE_BLOCK];
-        for (Py_ssize_t lo = 0; lo < n && result < 0; lo += CACHE_BLOCK) {
-            Py_ssize_t hi = lo + CACHE_BLOCK < n ? lo + CACHE_BLOCK : n;
-            cache_resolve_block(self, &ids, lo, hi, cand);
-            for (Py_ssize_t i = lo; i < hi; i++) {
-                int64_t row = id_at(&ids, i);
-                uint64_t hv = mix64((uint64_t)row), pos;
-                float *dst = (float *)out.buf + (size_t)i * self->dim;
-                int32_t s = cand[i - lo];
-                /* the candidate is only a tag match, and an eviction earlier in this
-                 * block may have reused the slot: confirm, else search properly */
-                if (s < 0 || self->slots[s].row != row) s = cache_find(self, row, hv, &pos);
-                if (s >= 0) {
-                    Slot *e = &self->slots[s];
-                    if (__atomic_load_n(seq_ptr(src, row), __ATOMIC_ACQUIRE) == e->seq) {
-                        memcpy(dst, self->rows + (size_t)s * self->dim, rowbytes);
-                        if (self->clock - e->stamp > self->window && self->head != s) {
-                            lru_unlink(self, s);
-                            lru_push_front(self, s);
-                        }
-                        self->hits++;
-                        continue;
-                    }
-                    self->invalidations++; /* a writer changed the chunk since: reread */
-                    cache_find(self, row, hv, &pos);
-                    cache_remove(self, s, pos);
-                }
-                self->misses++;
-                uint64_t seq = read_row(src, row, dst);
-                if (seq == UINT64_MAX) {
-                    result = RC_TORN;
-                    break;
-                }
-                s = cache_take_slot(self);
-                cache_find(self, row, hv, &pos); /* eviction may have shifted the probe run */
-                self->hash[pos] = (TAG(hv) << 32) | (uint64_t)(s + 1);
-                self->slots[s].row = row;
-                self->slots[s].seq = seq;
-                memcpy(self->rows + (size_t)s * self->dim, dst, rowbytes);
-                lru_push_front(self, s);
-                self->used++;
+        uint64_t hvs[PIPE_RING];
+        int32_t cand[PIPE_RING];
+        for (Py_ssize_t i = -2 * PIPE_DIST; i < n; i++) {
+            Py_ssize_t a = i + 2 * PIPE_DIST, b = i + PIPE_DIST;
+            if (a < n) { /* stage 1 */
+                int64_t row = id_at(&ids, a);
+                uint64_t hv = mix64((uint64_t)row);
+                hvs[a & (PIPE_RING - 1)] = hv;
+                __builtin_prefetch(&self->hash[hv & self->hmask]);
+                __builtin_prefetch(es_seq_ptr(&v, row));
             }
+            if (b >= 0 && b < n) { /* stage 2 */
+                int32_t s = cache_candidate(self, hvs[b & (PIPE_RING - 1)]);
+                cand[b & (PIPE_RING - 1)] = s;
+                if (s >= 0) {
+                    __builtin_prefetch(&self->slots[s]);
+                    es_prefetch_bytes(self->rows + (size_t)s * self->dim, rowbytes);
+                } else {
+                    es_prefetch_bytes(es_row_ptr(&v, id_at(&ids, b)), (size_t)src->stride);
+                }
+            }
+            if (i < 0) continue;
+            /* stage 3 */
+            int64_t row = id_at(&ids, i);
+            uint64_t hv = hvs[i & (PIPE_RING - 1)], pos;
+            float *dst = (float *)out.buf + (size_t)i * self->dim;
+            int32_t s = cand[i & (PIPE_RING - 1)];
+            if (s < 0 || self->slots[s].row != row) s = cache_find(self, row, hv, &pos);
+            if (s >= 0) {
+                Slot *e = &self->slots[s];
+                if (__atomic_load_n(es_seq_ptr(&v, row), __ATOMIC_ACQUIRE) == e->seq) {
+                    memcpy(dst, self->rows + (size_t)s * self->dim, rowbytes);
+                    if (self->clock - e->stamp > self->window && self->head != s) {
+                        lru_unlink(self, s);
+                        lru_push_front(self, s);
+                    }
+                    self->hits++;
+                    continue;
+                }
+                self->invalidations++; /* a writer changed the chunk since: reread */
+                cache_find(self, row, hv, &pos);
+                cache_remove(self, s, pos);
+            }
+            self->misses++;
+            uint64_t seq = es_read_row(&v, row, dst);
+            if (seq == ES_TORN) {
+                result = RC_TORN;
+                break;
+            }
+            s = cache_take_slot(self);
+            cache_find(self, row, hv, &pos); /* eviction may have shifted the probe run */
+            self->hash[pos] = (TAG(hv) << 32) | (uint64_t)(s + 1);
+            self->slots[s].row = row;
+            self->slots[s].seq = seq;
+            memcpy(self->rows + (size_t)s * self->dim, dst, rowbytes);
+            lru_push_front(self, s);
+            self->used++;
         }
         pthread_mutex_unlock(&self->lock);
     }
@@ -732,7 +671,7 @@ static struct PyModuleDef rows_module = {PyModuleDef_HEAD_INIT, "embstore._rows"
                                          "Native row gather/scatter and LRU row cache.", -1, NULL};
 
 PyMODINIT_FUNC PyInit__rows(void) {
-    for (uint32_t h = 0; h < 65536; h++) f16_table[h] = half_to_float((uint16_t)h);
+    es_fill_f16_table(f16_table);
     if (PyType_Ready(&RowSourceType) < 0 || PyType_Ready(&RowCacheType) < 0) return NULL;
     PyObject *m = PyModule_Create(&rows_module);
     if (!m) return NULL;

@@ -18,11 +18,12 @@
  * it, or returns embstore's error message. Python unbinds everything whenever the
  * process's reference resolution changes (set_store_path, register_store...).
  *
- * Reads follow rows.c exactly: a seqlock read per row (never a torn row while a writer
- * in any process updates it), decode float32/float16/bfloat16/int8-with-scale to
- * float32, prefetch 16 rows ahead. The RowSource layout is mirrored here; bind()
- * refuses a RowSource whose fields do not match the geometry Python reports, so a
- * layout change in rows.c disables this op instead of misreading memory.
+ * Reads are rows.c's, from the same code: rowsource.h (addressing, decoding
+ * float32/float16/bfloat16/int8-with-scale to float32, the grouped seqlock gather that
+ * never returns a torn row while a writer in any process updates it). The RowSource
+ * layout is mirrored here; bind() refuses a RowSource whose fields do not match the
+ * geometry Python reports, so a layout change in rows.c disables this op instead of
+ * misreading memory.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,15 +38,12 @@
 #include <unordered_map>
 #include <vector>
 
+#include "rowsource.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
 namespace {
-
-enum { DT_F32 = 1, DT_F16 = 2, DT_BF16 = 3, DT_I8 = 4 };
-constexpr long kSeqMaxSpins = 2000000;  // rows.c SEQ_MAX_SPINS
-constexpr int kPrefetchAhead = 16;       // rows.c PREFETCH_AHEAD
 
 /* Mirror of RowSource in embstore/_native/rows.c (checked field by field at bind). */
 struct RowSourceMirror {
@@ -62,92 +60,13 @@ struct RowSourceMirror {
   int nretired;
 };
 
-float HalfToFloat(uint16_t h) {
-  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {
-      int e = -1;
-      do { e++; man <<= 1; } while (!(man & 0x400));
-      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 const float *F16Table() {
   static const std::vector<float> table = [] {
     std::vector<float> t(65536);
-    for (uint32_t h = 0; h < 65536; h++) t[h] = HalfToFloat((uint16_t)h);
+    es_fill_f16_table(t.data());
     return t;
   }();
   return table.data();
-}
-
-inline void DecodeRow(const RowSourceMirror *s, const char *src, float *dst, const float *f16) {
-  const int d = s->dim;
-  switch (s->dtype) {
-    case DT_F32:
-      std::memcpy(dst, src, (size_t)d * 4);
-      break;
-    case DT_F16: {
-      const uint16_t *h = reinterpret_cast<const uint16_t *>(src);
-      for (int j = 0; j < d; j++) dst[j] = f16[h[j]];
-      break;
-    }
-    case DT_BF16: {
-      const uint16_t *h = reinterpret_cast<const uint16_t *>(src);
-      for (int j = 0; j < d; j++) {
-        uint32_t bits = (uint32_t)h[j] << 16;
-        std::memcpy(&dst[j], &bits, 4);
-      }
-      break;
-    }
-    case DT_I8: {
-      float scale;
-      std::memcpy(&scale, src, 4);
-      const int8_t *q = reinterpret_cast<const int8_t *>(src + 4);
-      for (int j = 0; j < d; j++) dst[j] = (float)q[j] * scale;
-      break;
-    }
-  }
-}
-
-/* One snapshot of the shard pointer arrays: add_shard swaps them atomically and never
- * frees the old ones while the RowSource lives. */
-struct View {
-  const RowSourceMirror *s;
-  char *const *data;
-  uint64_t *const *seq;
-  inline const char *Row(int64_t row) const {
-    return data[row >> s->shard_log2] + (row & ((1LL << s->shard_log2) - 1)) * s->stride;
-  }
-  inline uint64_t *Seq(int64_t row) const {
-    return seq[row >> s->shard_log2] + ((row & ((1LL << s->shard_log2) - 1)) >> s->chunk_log2);
-  }
-};
-
-/* Seqlock read (rows.c read_row). False if the writer never let go of the chunk. */
-inline bool ReadRow(const View &v, int64_t row, float *dst, const float *f16) {
-  const char *src = v.Row(row);
-  uint64_t *sp = v.Seq(row);
-  for (long spin = 0; spin < kSeqMaxSpins; spin++) {
-    uint64_t before = __atomic_load_n(sp, __ATOMIC_ACQUIRE);
-    if (!(before & 1)) {
-      DecodeRow(v.s, src, dst, f16);
-      __atomic_thread_fence(__ATOMIC_ACQUIRE);
-      if (__atomic_load_n(sp, __ATOMIC_RELAXED) == before) return true;
-    }
-    if (spin > 64) sched_yield();
-  }
-  return false;
 }
 
 struct Binding {
@@ -213,13 +132,6 @@ absl::Status CallResolver(const std::string &ref, bool has_bad, int64_t bad) {
 }
 
 template <typename T>
-int64_t FirstBad(const T *ids, int64_t n, int64_t num_rows) {
-  for (int64_t i = 0; i < n; i++)
-    if (ids[i] < 0 || (int64_t)ids[i] >= num_rows) return i;
-  return -1;
-}
-
-template <typename T>
 class EmbstoreGatherOp : public tensorflow::OpKernel {
  public:
   explicit EmbstoreGatherOp(tensorflow::OpKernelConstruction *c) : OpKernel(c) {
@@ -252,7 +164,7 @@ class EmbstoreGatherOp : public tensorflow::OpKernel {
                   absl::InvalidArgumentError("embstore: the table's dim " + std::to_string(s->dim) +
                                              " differs from the graph's " + std::to_string(dim_)));
       const int64_t num_rows = __atomic_load_n(&s->num_rows, __ATOMIC_ACQUIRE);
-      const int64_t bad = FirstBad(ids, n, num_rows);
+      const int64_t bad = es_first_bad(ids, sizeof(T) == 8, n, num_rows);
       if (bad >= 0) {
         // A reader may lag its writer: refresh once through Python, which rebinds or
         // returns the IdOutOfRangeError message.
@@ -265,21 +177,15 @@ class EmbstoreGatherOp : public tensorflow::OpKernel {
         refreshed = true;
         continue;
       }
-      View v{s, __atomic_load_n(&s->data, __ATOMIC_ACQUIRE),
-             __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE)};
-      for (int64_t i = 0; i < n; i++) {
-        if (i + kPrefetchAhead < n) {
-          const char *p = v.Row((int64_t)ids[i + kPrefetchAhead]);
-          __builtin_prefetch(p);
-          if (s->stride > 64) __builtin_prefetch(p + 64);
-          if (s->stride > 128) __builtin_prefetch(p + 128);
-          if (s->stride > 192) __builtin_prefetch(p + 192);
-        }
-        OP_REQUIRES(ctx, ReadRow(v, (int64_t)ids[i], dst + (size_t)i * dim_, f16),
-                    absl::UnavailableError(
-                        "TornReadError: a row stayed locked by a writer; the writer probably "
-                        "died mid-update: reopen the store for writing to recover it"));
-      }
+      // One snapshot of the shard pointers: add_shard swaps them atomically and never
+      // frees the old ones while the RowSource lives.
+      const es_view v = {s->dtype, s->dim, (int64_t)s->stride, s->shard_log2, s->chunk_log2,
+                         __atomic_load_n(&s->data, __ATOMIC_ACQUIRE),
+                         __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE), f16};
+      OP_REQUIRES(ctx, es_gather(&v, ids, sizeof(T) == 8, n, dst) == 0,
+                  absl::UnavailableError(
+                      "TornReadError: a row stayed locked by a writer; the writer probably "
+                      "died mid-update: reopen the store for writing to recover it"));
       return;
     }
     ctx->SetStatus(absl::InternalError("embstore: could not bind " + ref));

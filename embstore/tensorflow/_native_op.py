@@ -37,6 +37,7 @@ from embstore.tensorflow import _registry
 ENV_NATIVE = "EMBSTORE_TF_NATIVE"      # "0": never build or use the native op
 ENV_OPS_DIR = "EMBSTORE_TF_OPS_DIR"    # where built op libraries are cached
 SOURCE = Path(__file__).resolve().parent.parent / "_native" / "tf_ops.cc"
+HEADER = SOURCE.with_name("rowsource.h")  # the read path shared with rows.c
 OP_NAME = "EmbstoreGather"
 ABI_VERSION = 1
 
@@ -52,7 +53,7 @@ def _flags() -> tuple[list[str], list[str]]:
 def library_path() -> Path:
     compile_flags, link_flags = _flags()
     key = hashlib.sha256(b"\0".join([
-        SOURCE.read_bytes(), tf.__version__.encode(), sys.version.encode(),
+        SOURCE.read_bytes(), HEADER.read_bytes(), tf.__version__.encode(), sys.version.encode(),
         " ".join(compile_flags + link_flags).encode()])).hexdigest()[:16]
     base = Path(os.environ.get(ENV_OPS_DIR) or
                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -71,6 +72,7 @@ def build(path: Path) -> None:
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         cmd = [os.environ.get("CXX", "g++"), "-O3", "-shared", "-fPIC", "-w",
                str(SOURCE), "-o", str(tmp), f"-I{sysconfig.get_paths()['include']}",
+               f"-I{SOURCE.parent}",
                *compile_flags, *link_flags]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
