@@ -117,6 +117,7 @@ class ShardSet:
         self.writable = writable
         self.advice = advice
         self.maps: list[mmap.mmap] = []
+        self.dirty: set[int] = set()  # shards written since the last sync()
         self.source = _rows.RowSource(
             DTYPE_CODES[meta.dtype], meta.dim, meta.stride,
             meta.rows_per_shard.bit_length() - 1, meta.chunk_rows.bit_length() - 1,
@@ -172,6 +173,7 @@ class ShardSet:
             count = min(len(encoded) - done, rps - local)
             offset = self.meta.shard_header(shard).data_offset + local * stride
             path = self.dir / SHARD_NAME.format(shard)
+            self.dirty.add(shard)
             fd = os.open(path, os.O_WRONLY)
             try:
                 view = memoryview(encoded[done : done + count]).cast("B")
@@ -201,9 +203,31 @@ class ShardSet:
             done += n
         return out
 
+    def mark_dirty(self, rows: np.ndarray) -> None:
+        """Record the shards that rows written through the mapping live in, so the next
+        sync() covers them (a shard missed here would lose its rows at the checkpoint that
+        recycles their log records). Cheap per commit: one bincount over the shard span."""
+        if not len(rows):
+            return
+        shift = self.meta.rows_per_shard.bit_length() - 1
+        shards = rows >> shift
+        lo, hi = int(shards.min()), int(shards.max())
+        if lo == hi:
+            self.dirty.add(lo)
+        else:
+            touched = np.flatnonzero(np.bincount(shards - lo, minlength=hi - lo + 1))
+            self.dirty.update((touched + lo).tolist())
+
+    def mark_all_dirty(self) -> None:
+        self.dirty.update(range(self.meta.num_shards))
+
     def sync(self) -> None:
-        """Make every row written so far durable (checkpoint and bulk import)."""
-        for index in range(self.meta.num_shards):
+        """Make every row written since the last sync durable (checkpoint, bulk import).
+
+        Only shards written since then are synced: a checkpoint of a table of thousands
+        of shards that trained on a few of them costs a few fdatasyncs, not thousands.
+        A shard leaves the dirty set only once its sync succeeded."""
+        for index in sorted(self.dirty):
             if index < len(self.maps) and self.writable:
                 self.maps[index].flush()
             fd = os.open(self.dir / SHARD_NAME.format(index), os.O_RDONLY)
@@ -211,6 +235,7 @@ class ShardSet:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+            self.dirty.discard(index)
 
     def close(self) -> None:
         # the RowSource holds buffer exports; drop it before closing the mappings

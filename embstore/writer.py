@@ -283,7 +283,8 @@ class WritePath:
             count += 1
         for name in self.store.all_table_names():
             table = self.store.table(name)
-            table.shards.source.repair_seq()
+            if table.shards.source.repair_seq():
+                table.shards.mark_all_dirty()  # counters rewritten in place
             table.reconcile_rows()
         self.recovered_records = count
         self.checkpoint()
@@ -304,6 +305,7 @@ def apply_entry(table: "Table", rows: np.ndarray, encoded: np.ndarray,
     top = int(rows.max()) + 1 if len(rows) else 0
     if top > table.meta.capacity:
         table.shards.ensure_capacity(top)
+    table.shards.mark_dirty(rows)  # before the write: a failed scatter may have written some
     rc = table.shards.source.scatter(rows, encoded)
     if rc != -1:
         raise CorruptLogError(f"row id {int(rows[rc])} out of range for table {table.name!r}")

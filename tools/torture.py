@@ -400,6 +400,10 @@ class Driver:
         self.ack = 0              # operations acknowledged (applied >= ack, <= ack + 1)
         self.exact = True         # applied == ack is known
         self.verified = self.model.copy()  # the model at the last checked reopen
+        # How long opening (recovering) took in recent trials: a kill meant to land in
+        # recovery is drawn within it, so the share that does stays the same however
+        # fast recovery gets (a fixed 0-30 ms window missed more as recovery sped up).
+        self.open_s: list[float] = [0.03]
         create_store(self.path)
         # Writers are forked from a fork server that has imported embstore already: a
         # fresh interpreter would spend ~0.35 s per trial importing numpy.
@@ -473,6 +477,7 @@ class Driver:
         deadline = None
         limit = time.monotonic() + 30
         eof = False
+        opened_at = None
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -490,9 +495,15 @@ class Driver:
             lines.append(x)
             if x.startswith("fault "):
                 deadline = time.monotonic() + 20  # let it finish: it exits by itself
-            elif deadline is None and x == "open" and in_recovery:
-                deadline = time.monotonic() + self.rng.uniform(0, 0.03)
-            elif deadline is None and x.startswith("start"):
+            elif x == "open":
+                opened_at = time.monotonic()
+                if deadline is None and in_recovery:
+                    typical = sorted(self.open_s)[len(self.open_s) // 2]
+                    deadline = opened_at + self.rng.uniform(0, typical)
+            elif x.startswith("start") and opened_at is not None:
+                self.open_s = self.open_s[-15:] + [time.monotonic() - opened_at]
+                if deadline is None:
+                    deadline = time.monotonic() + self.rng.uniform(0, 1.0 if faulty else 0.25)
                 deadline = time.monotonic() + self.rng.uniform(0, 1.0 if faulty else 0.25)
         if not eof:
             proc.kill()  # SIGKILL
