@@ -80,6 +80,18 @@ def build_table(path: Path, rows: int, dim: int, dtypes: tuple[str, ...]) -> Non
             t.append_chunks(first.iter_rows(step), rows)
 
 
+def warm(table: embstore.Table) -> None:
+    """Map every row of ``table`` into this process from the page cache, so a cache-off
+    gather measures memory, not disk: this machine pages out file pages no process has
+    mapped after ~30 s (MACHINE-NOTES), so a table built or read earlier may be partly
+    on disk again. The cache must be off (set_cache_bytes(0)) while warming."""
+    step = 1 << 16
+    buf = np.empty((step, table.dim), np.float32)
+    for lo in range(0, table.num_rows, step):
+        hi = min(lo + step, table.num_rows)
+        table.gather_rows(np.arange(lo, hi), out=buf[: hi - lo])
+
+
 def shard_geometry(table: embstore.Table) -> tuple[Path, int]:
     return table.dir / "shard-000000.emb", table.meta.shard_header(0).data_offset
 
@@ -101,6 +113,7 @@ def bench_hot(store: embstore.Store, rows: int, repeats: int, ids: dict[str, np.
         runs: dict[str, list[float]] = {k: [] for k in ("c", "embstore", "np_take", "memmap")}
         ratios: dict[str, list[float]] = {"vs_c": [], "vs_np_take": [], "vs_memmap": []}
         for _ in range(repeats):
+            warm(table)
             # the ceiling: the C gather at its best measured prefetch distance (16)
             c = run_gather(path, offset, table.meta.stride, table.meta.rows_per_shard,
                            dist_ids, prefetch=16, repeats=1, seconds=0.3,
@@ -130,6 +143,7 @@ def bench_cache(store: embstore.Store, repeats: int, ids: dict[str, np.ndarray],
             off, on, ratio = [], [], []
             for _ in range(repeats):
                 table.set_cache_bytes(0)
+                warm(table)
                 a = timed(lambda b: table.gather(b, out=out), dist_ids)
                 table.set_cache_bytes(need)
                 timed(lambda b: table.gather(b, out=out), dist_ids, 0)  # warm
