@@ -15,7 +15,8 @@
  * status codes returned here into typed embstore errors; this file re-checks sizes so
  * that a wrong call can never read or write out of bounds.
  *
- * Every loop runs with the GIL released. Reads are lock-free; a RowCache has one mutex.
+ * Every loop runs with the GIL released. Reads are lock-free; a RowCache has one mutex,
+ * never held while a row is read from the mapping (a page fault may be a disk read).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,6 +30,7 @@
 
 #define RC_OK 0
 #define RC_TORN (-2)
+#define RC_NOMEM (-3)
 
 static float f16_table[65536]; /* exact float16 -> float32, built once at import */
 
@@ -340,6 +342,7 @@ typedef struct {
     Slot *slots;
     float *rows;
     uint64_t hits, misses, evictions, invalidations;
+    uint64_t tickets; /* source of odd pending tickets */
     pthread_mutex_t lock;
 } RowCache;
 
@@ -496,6 +499,26 @@ static inline int32_t cache_candidate(const RowCache *c, uint64_t hv) {
     }
 }
 
+/* A miss's row is read from the mapping after the cache's mutex is released. On a table
+ * larger than memory that read is a page fault (a disk read), and taken under the mutex
+ * it serialised every reader thread: 16 threads served 1.07x the rows of one, and 0.25x
+ * of 16 threads with the cache off (docs/BENCHMARKS.md, S2). So the locked pass does all
+ * the bookkeeping a miss causes (slot taken, hash entry, LRU front, counters: exactly as if
+ * the row were read in place) but leaves the slot *pending*, its seq an odd ticket that no
+ * seqlock counter can equal; the rows are read unlocked (faults of all threads overlap);
+ * a second short locked pass fills each pending slot that still holds its ticket (a slot
+ * evicted or invalidated meanwhile is left alone). A hit on a pending slot, from this
+ * batch or another thread's, reads the row from the mapping the same way. */
+typedef struct {
+    Py_ssize_t index; /* position in ids and out */
+    int64_t row;
+    int32_t slot;     /* pending slot to fill, or -1 (a hit on someone's pending slot) */
+    uint64_t ticket;  /* the slot's pending ticket */
+    uint64_t seq;     /* counter the row was read under */
+} Deferred;
+
+static int is_pending(const Slot *e) { return e->seq & 1; }
+
 /* gather(source, ids, out) -> like RowSource.gather, through the cache. */
 static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
     RowSource *src;
@@ -518,10 +541,13 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
     result = first_bad(&ids, n, src->num_rows);
     if (result < 0) {
         es_view v = view_of(src);
-        pthread_mutex_lock(&self->lock);
+        Deferred stack_later[64], *later = stack_later;
+        if (n > 64 && !(later = PyMem_RawMalloc(sizeof(Deferred) * (size_t)n))) result = RC_NOMEM;
+        Py_ssize_t nlater = 0;
+        if (result == -1) pthread_mutex_lock(&self->lock);
         uint64_t hvs[PIPE_RING];
         int32_t cand[PIPE_RING];
-        for (Py_ssize_t i = -2 * PIPE_DIST; i < n; i++) {
+        for (Py_ssize_t i = -2 * PIPE_DIST; i < n && result == -1; i++) {
             Py_ssize_t a = i + 2 * PIPE_DIST, b = i + PIPE_DIST;
             if (a < n) { /* stage 1 */
                 int64_t row = id_at(&ids, a);
@@ -536,8 +562,6 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
                 if (s >= 0) {
                     __builtin_prefetch(&self->slots[s]);
                     es_prefetch_bytes(self->rows + (size_t)s * self->dim, rowbytes);
-                } else {
-                    es_prefetch_bytes(es_row_ptr(&v, id_at(&ids, b)), (size_t)src->stride);
                 }
             }
             if (i < 0) continue;
@@ -549,8 +573,12 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
             if (s < 0 || self->slots[s].row != row) s = cache_find(self, row, hv, &pos);
             if (s >= 0) {
                 Slot *e = &self->slots[s];
-                if (__atomic_load_n(es_seq_ptr(&v, row), __ATOMIC_ACQUIRE) == e->seq) {
-                    memcpy(dst, self->rows + (size_t)s * self->dim, rowbytes);
+                int pending = is_pending(e);
+                if (pending || __atomic_load_n(es_seq_ptr(&v, row), __ATOMIC_ACQUIRE) == e->seq) {
+                    if (pending)
+                        later[nlater++] = (Deferred){i, row, -1, 0, 0};
+                    else
+                        memcpy(dst, self->rows + (size_t)s * self->dim, rowbytes);
                     if (self->clock - e->stamp > self->window && self->head != s) {
                         lru_unlink(self, s);
                         lru_push_front(self, s);
@@ -563,25 +591,51 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
                 cache_remove(self, s, pos);
             }
             self->misses++;
-            uint64_t seq = es_read_row(&v, row, dst);
-            if (seq == ES_TORN) {
-                result = RC_TORN;
-                break;
-            }
             s = cache_take_slot(self);
             cache_find(self, row, hv, &pos); /* eviction may have shifted the probe run */
             self->hash[pos] = (TAG(hv) << 32) | (uint64_t)(s + 1);
+            self->tickets += 2;
             self->slots[s].row = row;
-            self->slots[s].seq = seq;
-            memcpy(self->rows + (size_t)s * self->dim, dst, rowbytes);
+            self->slots[s].seq = self->tickets | 1;
             lru_push_front(self, s);
             self->used++;
+            later[nlater++] = (Deferred){i, row, s, self->tickets | 1, 0};
         }
-        pthread_mutex_unlock(&self->lock);
+        if (result == -1) pthread_mutex_unlock(&self->lock);
+        /* the rows of misses, read with no lock held */
+        Py_ssize_t read = 0;
+        for (; read < nlater && result == -1; read++) {
+            if (read + 8 < nlater)
+                es_prefetch_bytes(es_row_ptr(&v, later[read + 8].row), (size_t)src->stride);
+            float *dst = (float *)out.buf + (size_t)later[read].index * self->dim;
+            later[read].seq = es_read_row(&v, later[read].row, dst);
+            if (later[read].seq == ES_TORN) result = RC_TORN;
+        }
+        if (nlater) { /* fill the pending slots that are still ours; drop them on failure */
+            pthread_mutex_lock(&self->lock);
+            for (Py_ssize_t k = 0; k < nlater; k++) {
+                Deferred *d = &later[k];
+                if (d->slot < 0) continue;
+                Slot *e = &self->slots[d->slot];
+                if (e->row != d->row || e->seq != d->ticket) continue; /* evicted or invalidated */
+                if (k < read && d->seq != ES_TORN) {
+                    memcpy(self->rows + (size_t)d->slot * self->dim,
+                           (float *)out.buf + (size_t)d->index * self->dim, rowbytes);
+                    e->seq = d->seq;
+                } else {
+                    uint64_t pos;
+                    cache_find(self, d->row, mix64((uint64_t)d->row), &pos);
+                    cache_remove(self, d->slot, pos);
+                }
+            }
+            pthread_mutex_unlock(&self->lock);
+        }
+        if (later != stack_later) PyMem_RawFree(later);
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&ids);
     PyBuffer_Release(&out);
+    if (result == RC_NOMEM) return PyErr_NoMemory();
     return PyLong_FromSsize_t(result);
 }
 
