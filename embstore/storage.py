@@ -143,8 +143,9 @@ class ShardSet:
             finally:
                 os.close(fd)
             if self.advice == "random":
-                # default readahead reads ~40x the bytes a random row lookup needs
-                mapping.madvise(mmap.MADV_RANDOM, header.data_offset)
+                # default readahead reads ~40x the bytes a random row lookup needs. The
+                # whole mapping, so it stays one VMA (vm.max_map_count is 65530).
+                mapping.madvise(mmap.MADV_RANDOM)
             self.source.add_shard(mapping, HEADER_BYTES, header.data_offset)
             self.maps.append(mapping)
 

@@ -63,6 +63,11 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 SHARD_TARGET_BYTES = 1 << 30  # default shard size: big enough for few files, small enough to grow in
 MIN_ROWS_PER_SHARD = 1024
+# A table that starts empty with no expected_rows (keyed tables, append-grown tables) will
+# grow by an unknown amount: 1024-row shards made 3,907 files per GB and ran out of file
+# descriptors near 10 GB (Python's mmap keeps one per mapping). 16 MiB shards keep a
+# 100 GB table at 6,400 files while a small table still preallocates only 16 MiB.
+GROWING_SHARD_BYTES = 16 << 20
 DEFAULT_CHUNK_ROWS = 64  # rows per seqlock counter: 16 KiB of float32 x 64 per counter
 
 
@@ -273,6 +278,12 @@ class Store:
         key is first inserted, and reading an unknown key follows ``missing``: "raise",
         "zeros", or "init" (a seeded deterministic uniform(-init_scale, init_scale) row,
         the same for a key on every machine).
+
+        Shards are preallocated files of ``rows_per_shard`` rows (a power of two). By
+        default it is sized from ``expected_rows`` (or ``rows`` / ``len(data)``), up to
+        1 GiB of rows per shard; a table that starts empty with no ``expected_rows`` gets
+        16 MiB shards. Pass ``expected_rows`` for a table that will grow large, so that it
+        uses few, large shard files.
         """
         self._check_writable()
         check_table_name(name)
@@ -329,6 +340,8 @@ class Store:
         if rows < 0:
             raise InvalidArgumentError(f"rows must be >= 0, got {rows}")
         planned = len(data) if data is not None else rows
+        if expected_rows is None and not planned:
+            expected_rows = GROWING_SHARD_BYTES // row_stride(dtype, dim)
         rps = rows_per_shard or default_rows_per_shard(dtype, dim, expected_rows or planned)
         if chunk_rows is None:
             chunk_rows = min(DEFAULT_CHUNK_ROWS, rps) if is_power_of_two(rps) else DEFAULT_CHUNK_ROWS

@@ -629,3 +629,20 @@ def test_gather_dtype_errors_do_not_depend_on_the_mode(store_factory) -> None:
         for table in (store["t"], reader["t"]):
             with pytest.raises(DTypeError, match="float64"):
                 table.gather(np.array([0.0]))
+
+
+def test_table_that_starts_empty_gets_shards_sized_to_grow(store_factory) -> None:
+    """Regression: a table created empty without expected_rows got 1024-row shards, so
+    growing it to 10 GB made ~40,000 files (one file descriptor each when mapped)."""
+    from embstore.store import GROWING_SHARD_BYTES
+    store = store_factory()
+    keyed = store.create_table("k", 64, key_type="int64")
+    grown = store.create_table("g", 64)
+    for table in (keyed, grown):
+        assert table.meta.rows_per_shard * table.meta.stride == GROWING_SHARD_BYTES
+    grown.append(np.ones((100_000, 64), np.float32))
+    assert grown.meta.num_shards == 2  # 100,000 rows in 65,536-row shards
+    np.testing.assert_array_equal(grown.gather([99_999]), np.ones((1, 64)))
+    # a size hint or a first batch of rows still sizes the shards
+    assert store.create_table("e", 64, expected_rows=3000).meta.rows_per_shard == 4096
+    assert store.create_table("r", 64, rows=10).meta.rows_per_shard == 1024
