@@ -187,10 +187,15 @@ class ShardSet:
                 os.close(fd)
             done += count
 
-    def read_rows(self, first_row: int, count: int) -> np.ndarray:
-        """Raw encoded rows [first_row, first_row+count) via pread (export, check)."""
+    def read_rows(self, first_row: int, count: int, out: np.ndarray | None = None
+                  ) -> np.ndarray:
+        """Raw encoded rows [first_row, first_row+count) via pread (export, check), into
+        ``out`` (uint8, shape (count, stride)) if given."""
         rps, stride = self.meta.rows_per_shard, self.meta.stride
-        out = np.empty((count, stride), dtype=np.uint8)
+        if out is None:
+            out = np.empty((count, stride), dtype=np.uint8)
+        if out.shape != (count, stride) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous uint8 of shape {(count, stride)}")
         done = 0
         while done < count:
             shard, local = divmod(first_row + done, rps)

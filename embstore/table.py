@@ -346,13 +346,22 @@ class Table:
                        progress, f"export {self.name}")
 
     def iter_rows(self, chunk_rows: int | None = None) -> Iterable[np.ndarray]:
-        """Decoded float32 row chunks in row order, read with pread (no RSS growth)."""
+        """Decoded float32 row chunks in row order, read with pread (no RSS growth).
+        Each chunk is a new array the caller may keep."""
         from embstore.dtypes import decode_rows
-        step = chunk_rows or max(1, BULK_CHUNK_BYTES // (4 * self.meta.dim))
+        dim, stride, dtype = self.meta.dim, self.meta.stride, self.meta.dtype
+        step = chunk_rows or max(1, BULK_CHUNK_BYTES // (4 * dim))
+        raw = None if dtype == "float32" else np.empty((min(step, self.meta.num_rows), stride),
+                                                       np.uint8)
         for first in range(0, self.meta.num_rows, step):
             count = min(step, self.meta.num_rows - first)
-            yield decode_rows(self.shards.read_rows(first, count), self.meta.dtype,
-                              self.meta.dim)
+            if raw is None:  # float32 rows are stored as they are read: pread straight in
+                rows = np.empty((count, dim), np.float32)
+                self.shards.read_rows(first, count, out=rows.view(np.uint8))
+                yield rows
+            else:  # one reused buffer for the encoded bytes, then decode
+                yield decode_rows(self.shards.read_rows(first, count, out=raw[:count]),
+                                  dtype, dim)
 
     # --- helpers ----------------------------------------------------------------------
 
