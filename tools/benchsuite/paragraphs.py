@@ -59,10 +59,9 @@ def para_s1(sc: dict[str, Any], results: dict[str, Any]) -> list[str]:
                       f"(validating ids and `out=`, entering native code) explains about "
                       f"{min(1.0, one / extra_us):.0%} of the gap. The rest grows with the "
                       "rows: per row embstore does what the raw memcpy loop does not — it "
-                      "checks the id against the table size, and copies the row under a "
-                      "seqlock read (the row's chunk counter, another cache line, is read "
-                      "before and after the copy, so a concurrent writer can never hand out a "
-                      "torn row).")
+                      "checks the id against the table size, and reads the row's chunk "
+                      "counter (another cache line) before and after copying it, in groups "
+                      "of 32 rows, so a concurrent writer can never hand out a torn row.")
         else:
             p[-1] += f" A call with a single id costs {one:.1f} µs."
     tf_e, tf_f = med(u, "tf_gather_eager"), med(u, "tf_gather_function")
@@ -193,12 +192,13 @@ def _s2_threads(case: dict[str, Any]) -> str:
          f"{rstat(case, on, off)} that); 16 preads in flight reach "
          f"{fmt(med(case, 'cold_pread16'), 'rows/s')} on rows that are all cold.")
     r_one, r_off = ratio(case, on, one), ratio(case, on, off)
-    if r_one is not None and r_off is not None and r_one < 1.5 and r_off < 0.67:
-        s += (" The hot-row cache takes one mutex for a whole batch, page faults of its "
-              "misses included (RowCache_gather in embstore/_native/rows.c), so the threads "
-              "queue behind each other's disk reads; without the cache their page faults "
-              f"overlap. With the cache on, {n} readers served only {fx(r_one)} the rows of "
-              "one.")
+    if r_one is not None and r_one < 1.5:
+        s += (f" With the cache on, {n} readers served only {fx(r_one)} the rows of one: "
+              "the threads serialise on the cache's mutex.")
+    elif r_one is not None:
+        s += (" The cache's mutex is not held while a missed row is read from the mapping "
+              "(RowCache_gather in embstore/_native/rows.c: the slot is reserved under the "
+              "lock and filled after the read), so the threads' page faults overlap.")
     return s
 
 
@@ -365,10 +365,10 @@ def para_s7(sc: dict[str, Any], results: dict[str, Any]) -> list[str]:
              f"({rstat(exp, 'embstore_read_all', 'np_load')}) and h5py read_direct "
              f"{fmt(med(exp, 'h5_read'), 'GB/s')} ({rstat(exp, 'embstore_read_all', 'h5_read')}); "
              f"the warm sequential read ceiling is {fmt(med(exp, 'seqio_read_warm'), 'GB/s')}. "
-             "iter_rows, under both, preads each 32 MiB chunk into a freshly allocated buffer "
-             "and decodes it with another copy (for float32 the decode is a copy), and the "
-             "harness copies each chunk into the result: three passes over the data and two "
-             "new allocations per chunk, where np.load reads straight into its array.")
+             "iter_rows, under both, preads each 32 MiB chunk of float32 rows straight into "
+             "a freshly allocated array (other dtypes decode from one reused buffer), and "
+             "the harness copies each chunk into the result: two passes over the data and a "
+             "new allocation per chunk, where np.load reads straight into its array.")
     return p
 
 

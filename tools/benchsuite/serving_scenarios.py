@@ -126,7 +126,7 @@ def _big_files(work: Path, rows: int, dim: int) -> dict[str, Path]:
     t0 = time.perf_counter()
     with embstore.create(paths["embstore"]) as store:
         # expected_rows sizes the shards (1 GiB each), as embstore-cli import does; without
-        # it an empty table grows in 1024-row shards and 10 GB needs ~38,000 open files
+        # it an empty table grows in 16 MiB shards (640 files for 10 GB)
         t = store.create_table("float32", dim, expected_rows=rows)
         t.append_chunks(_chunks(rows, dim), rows)
     _write_npy(paths["npy"], rows, dim, _chunks(rows, dim))
