@@ -39,10 +39,12 @@ def test_kill9_at_random_moments_loses_nothing_acknowledged(tmp_path):
     assert stats.verified_ops >= stats.acknowledged_ops
 
 
-def test_recovery_repairs_a_row_a_dead_writer_tore(tmp_path):
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+def test_recovery_repairs_a_row_a_dead_writer_tore(tmp_path, cache_bytes):
     """A writer killed in the middle of copying a row leaves the chunk's seqlock counter
     odd and the row half-written. Readers must refuse it (not return it); recovery
-    rewrites it from the log and releases the counter."""
+    rewrites it from the log and releases the counter. With a cache, the slot reserved
+    for the refused row is dropped, not left pending."""
     path = tmp_path / "s"
     with embstore.create(path) as store:
         store.create_table("t", 16, data=np.zeros((64, 16)), rows_per_shard=64, chunk_rows=8)
@@ -64,9 +66,11 @@ def test_recovery_repairs_a_row_a_dead_writer_tore(tmp_path):
         f.write((counter | 1).to_bytes(8, "little"))
         f.seek(data_offset + 9 * 64)
         f.write(np.full(8, -1.0, np.float32).tobytes())  # first half of row 9 garbled
-    with embstore.open(path, "r") as reader:
+    with embstore.open(path, "r", cache_bytes=cache_bytes) as reader:
         with pytest.raises(embstore.errors.TornReadError, match="reopen the store for writing"):
-            reader["t"].gather([10])  # same chunk: held by the dead writer
+            reader["t"].gather([1, 10])  # row 10: same chunk, held by the dead writer
+        if cache_bytes:
+            assert reader["t"].cache.lru_order() == [1]  # row 10's slot was dropped
         np.testing.assert_array_equal(reader["t"].gather([1]), np.zeros((1, 16)))
         with embstore.open(path, "r+") as writer:  # recovery replays the record
             assert writer.writer.recovered_records == 1

@@ -504,8 +504,9 @@ static inline int32_t cache_candidate(const RowCache *c, uint64_t hv) {
  * it serialised every reader thread: 16 threads served 1.07x the rows of one, and 0.25x
  * of 16 threads with the cache off (docs/BENCHMARKS.md, S2). So the locked pass does all
  * the bookkeeping a miss causes (slot taken, hash entry, LRU front, counters: exactly as if
- * the row were read in place) but leaves the slot *pending*, its seq an odd ticket that no
- * seqlock counter can equal; the rows are read unlocked (faults of all threads overlap);
+ * the row were read in place) but leaves the slot *pending*: its seq is an odd ticket (a
+ * filled slot's seq, the counter its row was read under, is always even); the rows are
+ * read unlocked (faults of all threads overlap);
  * a second short locked pass fills each pending slot that still holds its ticket (a slot
  * evicted or invalidated meanwhile is left alone). A hit on a pending slot, from this
  * batch or another thread's, reads the row from the mapping the same way. */
@@ -518,6 +519,42 @@ typedef struct {
 } Deferred;
 
 static int is_pending(const Slot *e) { return e->seq & 1; }
+
+/* Read the rows of `later` into out, prefetching ahead. Returns how many were read: all,
+ * or the index of the first row that stayed torn (a writer died holding its chunk). */
+static Py_ssize_t read_deferred(const es_view *v, Deferred *later, Py_ssize_t n, float *out,
+                                int dim) {
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (k + 8 < n) es_prefetch_bytes(es_row_ptr(v, later[k + 8].row), (size_t)v->stride);
+        later[k].seq = es_read_row(v, later[k].row, out + (size_t)later[k].index * dim);
+        if (later[k].seq == ES_TORN) return k;
+    }
+    return n;
+}
+
+/* Fill the pending slots of `later` that still hold their ticket with the rows read into
+ * out; a slot whose row was not read (k >= read: a torn row stopped the batch) is dropped.
+ * A slot evicted, invalidated or taken by another miss meanwhile is left alone. */
+static void fill_pending(RowCache *c, const Deferred *later, Py_ssize_t n, Py_ssize_t read,
+                         const float *out) {
+    size_t rowbytes = sizeof(float) * (size_t)c->dim;
+    pthread_mutex_lock(&c->lock);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        const Deferred *d = &later[k];
+        if (d->slot < 0) continue;
+        Slot *e = &c->slots[d->slot];
+        if (e->row != d->row || e->seq != d->ticket) continue;
+        if (k < read) {
+            memcpy(c->rows + (size_t)d->slot * c->dim, out + (size_t)d->index * c->dim, rowbytes);
+            e->seq = d->seq;
+        } else {
+            uint64_t pos;
+            cache_find(c, d->row, mix64((uint64_t)d->row), &pos);
+            cache_remove(c, d->slot, pos);
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+}
 
 /* gather(source, ids, out) -> like RowSource.gather, through the cache. */
 static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
@@ -603,33 +640,9 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
         }
         if (result == -1) pthread_mutex_unlock(&self->lock);
         /* the rows of misses, read with no lock held */
-        Py_ssize_t read = 0;
-        for (; read < nlater && result == -1; read++) {
-            if (read + 8 < nlater)
-                es_prefetch_bytes(es_row_ptr(&v, later[read + 8].row), (size_t)src->stride);
-            float *dst = (float *)out.buf + (size_t)later[read].index * self->dim;
-            later[read].seq = es_read_row(&v, later[read].row, dst);
-            if (later[read].seq == ES_TORN) result = RC_TORN;
-        }
-        if (nlater) { /* fill the pending slots that are still ours; drop them on failure */
-            pthread_mutex_lock(&self->lock);
-            for (Py_ssize_t k = 0; k < nlater; k++) {
-                Deferred *d = &later[k];
-                if (d->slot < 0) continue;
-                Slot *e = &self->slots[d->slot];
-                if (e->row != d->row || e->seq != d->ticket) continue; /* evicted or invalidated */
-                if (k < read && d->seq != ES_TORN) {
-                    memcpy(self->rows + (size_t)d->slot * self->dim,
-                           (float *)out.buf + (size_t)d->index * self->dim, rowbytes);
-                    e->seq = d->seq;
-                } else {
-                    uint64_t pos;
-                    cache_find(self, d->row, mix64((uint64_t)d->row), &pos);
-                    cache_remove(self, d->slot, pos);
-                }
-            }
-            pthread_mutex_unlock(&self->lock);
-        }
+        Py_ssize_t read = read_deferred(&v, later, nlater, (float *)out.buf, self->dim);
+        if (read < nlater) result = RC_TORN;
+        if (nlater) fill_pending(self, later, nlater, read, (const float *)out.buf);
         if (later != stack_later) PyMem_RawFree(later);
     }
     Py_END_ALLOW_THREADS
