@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -574,6 +575,22 @@ def test_reader_in_this_process_follows_appended_rows(store_factory) -> None:
         np.testing.assert_array_equal(mirror.gather(np.arange(40)), rows)
 
 
+class SlowToGrow:
+    """A RowSource stand-in (cache-off reads only) whose set_num_rows pauses first, so a
+    reader thread that sees a new row count anywhere before the native range check has
+    it would ask for a row the check still refuses."""
+
+    def __init__(self, source: object) -> None:
+        self._source = source
+
+    def set_num_rows(self, n: int) -> None:
+        time.sleep(0.002)
+        self._source.set_num_rows(n)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._source, name)
+
+
 def test_reader_threads_follow_a_table_growing_shard_by_shard(store_factory, monkeypatch
                                                               ) -> None:
     """Reader threads gather while others make the reader map new shards (refresh), one
@@ -589,8 +606,15 @@ def test_reader_threads_follow_a_table_growing_shard_by_shard(store_factory, mon
     stop = threading.Event()
     with embstore.open(store.path) as reader:
         mirror = reader["t"]
+        mirror.shards.source = SlowToGrow(mirror.shards.source)
 
         def work(seed: int) -> None:
+            try:
+                check(seed)
+            except Exception as exc:  # e.g. an id below len(mirror) refused as out of range
+                errors.append(repr(exc))
+
+        def check(seed: int) -> None:
             rng = np.random.default_rng(seed)
             while not stop.is_set():
                 known = len(mirror)
