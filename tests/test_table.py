@@ -674,6 +674,33 @@ def test_cached_readers_never_go_back_before_a_finished_write(store_factory,
     assert stats["hits"] > 0 and stats["misses"] > 0 and stats["invalidations"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_cache_over_a_table_evicted_from_memory_reads_the_right_rows(tmp_path, dtype) -> None:
+    """Misses on pages that are not in memory take the path that requests every missed
+    row's pages with MADV_WILLNEED before reading them (rows.c read_deferred). The shard
+    files are dropped from the page cache first, so the misses really wait for the disk."""
+    import os
+    rows = random_rows(60_000, 16, seed=11, scale=2.0)
+    path = tmp_path / "s"
+    with create_store(path) as store:
+        store.create_table("t", 16, dtype=dtype, data=rows, rows_per_shard=1 << 14)
+    for shard in (path / "tables" / "t").glob("shard-*.emb"):
+        fd = os.open(shard, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # synced at close: dropped
+        finally:
+            os.close(fd)
+    want = roundtrip(rows, dtype)
+    rng = np.random.default_rng(3)
+    with embstore.open(path, cache_bytes=cache_bytes_for(2000, 16)) as store:
+        table = store["t"]
+        for _ in range(12):
+            ids = rng.integers(0, len(rows), 512)
+            np.testing.assert_array_equal(table.gather(ids), want[ids])
+        stats = table.stats()
+        assert stats["misses"] > 0 and stats["evictions"] == stats["misses"] - stats["rows"]
+
+
 # --- bad input: typed error, expected vs got, nothing written --------------------------------
 
 
