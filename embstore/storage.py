@@ -213,6 +213,13 @@ class ShardSet:
             done += n
         return out
 
+    def set_num_rows(self, rows: int) -> None:
+        """Make rows [0, rows) readable. The native range check learns the count before
+        meta.num_rows (len(table)) does: a thread that saw the new count and asked for a row
+        the native check still refused got IdOutOfRangeError for an id below that count."""
+        self.source.set_num_rows(rows)
+        self.meta.num_rows = rows
+
     def mark_dirty(self, rows: np.ndarray) -> None:
         """Record the shards that rows written through the mapping live in, so the next
         sync() covers them (a shard missed here would lose its rows at the checkpoint that

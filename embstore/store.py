@@ -213,8 +213,7 @@ class Store:
     def publish_rows(self, table: Table, num_rows: int) -> None:
         """Make rows [old num_rows, num_rows) visible: they must already be durable."""
         with self._mutex:
-            table.shards.source.set_num_rows(num_rows)  # native first (Table.refresh says why)
-            table.meta.num_rows = num_rows
+            table.shards.set_num_rows(num_rows)
             self._commit_manifest()
             table.live.publish(num_rows, self.checkpoint_lsn, table.meta.num_shards)
 

@@ -199,10 +199,7 @@ class Table:
                 self.meta.num_shards = shards
                 self.shards.map_shards(shards)
             rows = min(rows, self.meta.capacity)
-            # native first: a thread that sees the new count in meta (len(table)) must
-            # find the native range check agreeing with it
-            self.shards.source.set_num_rows(rows)
-            self.meta.num_rows = rows
+            self.shards.set_num_rows(rows)
         if self.index is not None:
             self.index.refresh()
         return True
@@ -289,8 +286,7 @@ class Table:
         """After recovery: a keyed table holds at least as many rows as keys."""
         if self.index is not None and self.index.count > self.meta.num_rows:
             self.shards.ensure_capacity(self.index.count)
-            self.shards.source.set_num_rows(self.index.count)  # native first (refresh)
-            self.meta.num_rows = self.index.count
+            self.shards.set_num_rows(self.index.count)
         self.live.publish(self.meta.num_rows, self.store.checkpoint_lsn, self.meta.num_shards)
 
     # --- bulk writes ------------------------------------------------------------------

@@ -312,8 +312,7 @@ def apply_entry(table: "Table", rows: np.ndarray, encoded: np.ndarray,
     if step:
         table.meta.step = max(table.meta.step, step)
     if top > table.meta.num_rows:
-        table.shards.source.set_num_rows(top)  # native first (Table.refresh says why)
-        table.meta.num_rows = top
+        table.shards.set_num_rows(top)
     table.live.publish(table.meta.num_rows, lsn, table.meta.num_shards)
     # Keys last: a reader that finds a new key in the index must find its row written and
     # published (the other order let readers fail with IdOutOfRangeError in between).
