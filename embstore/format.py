@@ -341,6 +341,13 @@ def check_live(buf: bytes, path: str) -> None:
     _check_version(major, minor, path, 8)
 
 
+def unpack_live(buf: bytes, path: str) -> tuple[int, int, int]:
+    """(published_rows, published_lsn, num_shards) of a live file, after check_live."""
+    check_live(buf, path)
+    _, _, _, _, rows, lsn, shards = LIVE_HEADER.unpack_from(buf, 0)
+    return rows, lsn, shards
+
+
 # --- manifest ---------------------------------------------------------------------------
 
 

@@ -32,16 +32,15 @@ from embstore.errors import (
 )
 from embstore.format import (
     HEADER_BYTES,
-    LIVE_ROWS_OFFSET,
     MANIFEST_HEADER,
     atomic_write,
-    check_live,
     check_shard_matches,
     check_table_name,
     fsync_dir,
     is_power_of_two,
     pack_manifest,
     row_stride,
+    unpack_live,
     unpack_manifest,
     unpack_shard_header,
 )
@@ -523,12 +522,12 @@ def published_rows(directory: Path, meta: TableMeta) -> int:
     """Rows readers may see: the manifest's count, or more if a writer published rows
     since its last checkpoint (the live file). A damaged live file counts for nothing
     here; opening the table reports it."""
+    path = directory / LIVE_NAME
     try:
-        buf = (directory / LIVE_NAME).read_bytes()
-        check_live(buf, str(directory / LIVE_NAME))
+        rows, _lsn, _shards = unpack_live(path.read_bytes(), str(path))
     except (OSError, EmbstoreError):
         return meta.num_rows
-    return max(meta.num_rows, int.from_bytes(buf[LIVE_ROWS_OFFSET:LIVE_ROWS_OFFSET + 8], "little"))
+    return max(meta.num_rows, rows)
 
 
 def check_table(directory: Path, meta: TableMeta) -> list[Fault]:
