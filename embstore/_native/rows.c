@@ -29,7 +29,6 @@
 
 #include "rowsource.h"
 
-#define RC_OK 0
 #define RC_TORN (-2)
 #define RC_NOMEM (-3)
 
@@ -38,31 +37,7 @@ static float f16_table[65536]; /* exact float16 -> float32, built once at import
 /* ------------------------------------------------------------------------------------ */
 /* RowSource                                                                             */
 
-typedef struct {
-    PyObject_HEAD
-    int dtype, dim;
-    Py_ssize_t stride;
-    int shard_log2, chunk_log2;
-    int64_t num_rows;
-    Py_ssize_t nshards, cap;
-    char **data;        /* rows region of each shard */
-    uint64_t **seq;     /* seqlock counters of each shard */
-    Py_buffer *views;   /* held so the mappings cannot be closed under us */
-    /* data/seq arrays outgrown by add_shard. gather reads them with the GIL released,
-     * so a reader thread that maps new shards (refresh) while another gathers must not
-     * free them: they are freed at dealloc (2 per doubling of cap, so 128 suffice). */
-    void *retired[128];
-    int nretired;
-} RowSource;
-
-/* The reader's snapshot of the shard pointers (rowsource.h). add_shard publishes new
- * arrays with a release store and retires, never frees, the old ones. */
-static inline es_view view_of(const RowSource *s) {
-    es_view v = {s->dtype, s->dim, s->stride, s->shard_log2, s->chunk_log2,
-                 __atomic_load_n(&s->data, __ATOMIC_ACQUIRE),
-                 __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE), f16_table};
-    return v;
-}
+static inline es_view view_of(const RowSource *s) { return es_view_of(s, f16_table); }
 
 /* Writer half: odd, copy, even. The release fence keeps the odd counter visible before
  * any byte of the row changes; the release store publishes the row with the even one.

@@ -1,8 +1,9 @@
 /*
  * rowsource.h: reading rows out of a table's mapped shards, shared by the Python
  * extension (rows.c) and the TensorFlow op (tf_ops.cc) so that both decode, address and
- * seqlock-check rows with the same code. C99 and C++; header-only (static inline), no
- * Python or TensorFlow types.
+ * seqlock-check rows with the same code, and read the same RowSource object (rows.c
+ * creates it; the op receives it from Python through ctypes). C99 and C++; header-only
+ * (static inline); include after <Python.h>.
  *
  * Layout (docs/FORMAT.md "Shard file"): row r lives in shard r >> shard_log2 at
  * data[shard] + (r & (rows_per_shard - 1)) * stride; its seqlock counter is
@@ -12,6 +13,7 @@
 #ifndef EMBSTORE_ROWSOURCE_H
 #define EMBSTORE_ROWSOURCE_H
 
+#include <Python.h> /* after PY_SSIZE_T_CLEAN, as every includer defines it */
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
@@ -46,6 +48,33 @@ typedef struct {
     uint64_t *const *seq;
     const float *f16; /* float16 -> float32 for all 65536 patterns */
 } es_view;
+
+/* The Python object embstore._rows.RowSource: the mapped shards of one table. */
+typedef struct {
+    PyObject_HEAD
+    int dtype, dim;
+    Py_ssize_t stride;
+    int shard_log2, chunk_log2;
+    int64_t num_rows;
+    Py_ssize_t nshards, cap;
+    char **data;        /* rows region of each shard */
+    uint64_t **seq;     /* seqlock counters of each shard */
+    Py_buffer *views;   /* held so the mappings cannot be closed under us */
+    /* data/seq arrays outgrown by add_shard. gather reads them with the GIL released,
+     * so a reader thread that maps new shards (refresh) while another gathers must not
+     * free them: they are freed at dealloc (2 per doubling of cap, so 128 suffice). */
+    void *retired[128];
+    int nretired;
+} RowSource;
+
+/* A reader's snapshot of a RowSource's shard pointers. add_shard publishes new arrays
+ * with a release store and retires, never frees, the old ones. */
+static inline es_view es_view_of(const RowSource *s, const float *f16) {
+    es_view v = {s->dtype, s->dim, (int64_t)s->stride, s->shard_log2, s->chunk_log2,
+                 __atomic_load_n(&s->data, __ATOMIC_ACQUIRE),
+                 __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE), f16};
+    return v;
+}
 
 static inline const char *es_row_ptr(const es_view *v, int64_t row) {
     int64_t local = row & ((INT64_C(1) << v->shard_log2) - 1);

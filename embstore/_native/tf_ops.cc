@@ -20,10 +20,9 @@
  *
  * Reads are rows.c's, from the same code: rowsource.h (addressing, decoding
  * float32/float16/bfloat16/int8-with-scale to float32, the grouped seqlock gather that
- * never returns a torn row while a writer in any process updates it). The RowSource
- * layout is mirrored here; bind() refuses a RowSource whose fields do not match the
- * geometry Python reports, so a layout change in rows.c disables this op instead of
- * misreading memory.
+ * never returns a torn row while a writer in any process updates it), and the RowSource
+ * object's layout comes from the same header. bind() refuses an object whose fields do
+ * not match the geometry Python reports for the table.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -45,21 +44,6 @@
 
 namespace {
 
-/* Mirror of RowSource in embstore/_native/rows.c (checked field by field at bind). */
-struct RowSourceMirror {
-  PyObject_HEAD
-  int dtype, dim;
-  Py_ssize_t stride;
-  int shard_log2, chunk_log2;
-  int64_t num_rows;
-  Py_ssize_t nshards, cap;
-  char **data;
-  uint64_t **seq;
-  Py_buffer *views;
-  void *retired[128];
-  int nretired;
-};
-
 const float *F16Table() {
   static const std::vector<float> table = [] {
     std::vector<float> t(65536);
@@ -71,8 +55,8 @@ const float *F16Table() {
 
 struct Binding {
   PyObject *owner;  // strong reference to the RowSource
-  const RowSourceMirror *src;
-  Binding(PyObject *o) : owner(o), src(reinterpret_cast<const RowSourceMirror *>(o)) {}
+  const RowSource *src;
+  Binding(PyObject *o) : owner(o), src(reinterpret_cast<const RowSource *>(o)) {}
   ~Binding() {
     // The last reference may go on a TensorFlow thread: take the GIL to drop the
     // RowSource. Never called with g_mu held (see Bind/UnbindAll), so no lock-order
@@ -159,7 +143,7 @@ class EmbstoreGatherOp : public tensorflow::OpKernel {
         OP_REQUIRES_OK(ctx, CallResolver(ref, false, 0));
         continue;
       }
-      const RowSourceMirror *s = b->src;
+      const RowSource *s = b->src;
       OP_REQUIRES(ctx, s->dim == dim_,
                   absl::InvalidArgumentError("embstore: the table's dim " + std::to_string(s->dim) +
                                              " differs from the graph's " + std::to_string(dim_)));
@@ -177,11 +161,7 @@ class EmbstoreGatherOp : public tensorflow::OpKernel {
         refreshed = true;
         continue;
       }
-      // One snapshot of the shard pointers: add_shard swaps them atomically and never
-      // frees the old ones while the RowSource lives.
-      const es_view v = {s->dtype, s->dim, (int64_t)s->stride, s->shard_log2, s->chunk_log2,
-                         __atomic_load_n(&s->data, __ATOMIC_ACQUIRE),
-                         __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE), f16};
+      const es_view v = es_view_of(s, f16);
       OP_REQUIRES(ctx, es_gather(&v, ids, sizeof(T) == 8, n, dst) == 0,
                   absl::UnavailableError(
                       "TornReadError: a row stayed locked by a writer; the writer probably "
@@ -231,7 +211,7 @@ int embstore_tf_abi_version(void) { return 1; }
  * Python knows. Returns 0, or -1 on a layout mismatch (nothing bound). */
 int embstore_tf_bind(const char *ref, Py_ssize_t len, PyObject *source, int dtype, int dim,
                      Py_ssize_t stride, int shard_log2, int chunk_log2) {
-  const auto *m = reinterpret_cast<const RowSourceMirror *>(source);
+  const auto *m = reinterpret_cast<const RowSource *>(source);
   if (m->dtype != dtype || m->dim != dim || m->stride != stride || m->shard_log2 != shard_log2 ||
       m->chunk_log2 != chunk_log2 || m->nshards < 0 || m->nshards > m->cap)
     return -1;
