@@ -36,6 +36,25 @@ DTYPES = ("float32", "float16", "bfloat16", "int8")
 DIMS = (1, 3, 64, 130)
 
 
+def lazy_adam_reference(init, batches, lr_of_iteration, b1=0.9, b2=0.999, eps=1e-7):
+    """Textbook lazy Adam in float64 (tf-addons LazyAdam), written apart from the module:
+    the oracle for Adam in tests/test_optim.py and tests/test_writepath.py. Returns
+    (var, m, v) after the (ids, grads) batches; lr_of_iteration(i) is the rate of step i."""
+    var = init.astype(np.float64)
+    m, v = np.zeros_like(var), np.zeros_like(var)
+    for t, (ids, grads) in enumerate(batches, start=1):
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        g = np.zeros((uniq.size, var.shape[1]))
+        np.add.at(g, inverse, grads.astype(np.float64))
+        m[uniq] = b1 * m[uniq] + (1 - b1) * g
+        v[uniq] = b2 * v[uniq] + (1 - b2) * g * g
+        m_hat, v_hat = m[uniq] / (1 - b1**t), v[uniq] / (1 - b2**t)
+        # TF adds eps to sqrt(v) before bias correction, i.e. eps / sqrt(1 - b2^t) here.
+        eps_hat = eps / np.sqrt(1 - b2**t)
+        var[uniq] -= lr_of_iteration(t - 1) * m_hat / (np.sqrt(v_hat) + eps_hat)
+    return var, m, v
+
+
 def random_rows(n: int, dim: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
     """Finite float32 rows well inside the float16 range, so every dtype can hold them."""
     rng = np.random.default_rng(seed)

@@ -33,6 +33,8 @@ from embstore.optim import (
     get_optimizer, optimizer_from_config, schedule_from_config, sum_duplicates,
 )
 
+from conftest import lazy_adam_reference
+
 N_ROWS, DIM, BATCH, STEPS = 1000, 16, 256, 50
 
 
@@ -176,30 +178,13 @@ def test_ftrl_matches_tf_sparse_kernel(tf, case):
     np.testing.assert_array_equal(slots["accumulator"], acc.numpy())
 
 
-def _lazy_adam_reference(init, batches, lr_of_iteration, b1=0.9, b2=0.999, eps=1e-7):
-    """Textbook lazy Adam in float64 (tf-addons LazyAdam), written apart from the module."""
-    var = init.astype(np.float64)
-    m, v = np.zeros_like(var), np.zeros_like(var)
-    for t, (ids, grads) in enumerate(batches, start=1):
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        g = np.zeros((uniq.size, var.shape[1]))
-        np.add.at(g, inverse, grads.astype(np.float64))
-        m[uniq] = b1 * m[uniq] + (1 - b1) * g
-        v[uniq] = b2 * v[uniq] + (1 - b2) * g * g
-        m_hat, v_hat = m[uniq] / (1 - b1**t), v[uniq] / (1 - b2**t)
-        # TF adds eps to sqrt(v) before bias correction, i.e. eps / sqrt(1 - b2^t) here.
-        eps_hat = eps / np.sqrt(1 - b2**t)
-        var[uniq] -= lr_of_iteration(t - 1) * m_hat / (np.sqrt(v_hat) + eps_hat)
-    return var, m, v
-
-
 @pytest.mark.parametrize("lr", [0.01, PiecewiseConstant([10, 30], [0.02, 0.01, 0.005])],
                          ids=["constant", "piecewise"])
 def test_lazy_adam_matches_independent_reference(lr):
     init, batches = _init(), _batches(7)
     opt = Adam(lr, beta_1=0.8, beta_2=0.99)
     ours, slots = _run(opt, init, batches)
-    var, m, v = _lazy_adam_reference(init, batches, lambda i: opt.learning_rate(i + 1),
+    var, m, v = lazy_adam_reference(init, batches, lambda i: opt.learning_rate(i + 1),
                                      b1=0.8, b2=0.99)
     _assert_close(ours, var)
     _assert_close(slots["m"], m)

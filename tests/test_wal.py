@@ -28,7 +28,10 @@ from embstore.errors import (
     MissingFileError, ReadOnlyError, StoreClosedError, TruncatedFileError,
     UnsupportedVersionError, WriterLockedError,
 )
-from embstore.wal import FRAME, HDR, MAX_RECORD_BYTES, LogIO, WriteAheadLog, check_log
+from embstore.wal import FRAME, HDR, MAX_RECORD_BYTES, WriteAheadLog, check_log
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from torture import FaultyIO  # noqa: E402  (the one fault-injecting LogIO)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,40 +68,6 @@ def snapshot(d: Path) -> dict[str, tuple[int, str, int]]:
 def make_log(d: Path, groups: list[list[bytes]], **kw) -> list[int]:
     with WriteAheadLog.open(d, **kw) as wal:
         return [wal.append(g) for g in groups]
-
-
-class FaultyIO(LogIO):
-    """Fails the n-th call (1-based) of one operation; optionally writes part first."""
-
-    def __init__(self, op: str, nth: int, err: int = errno.EIO, partial: bool = False,
-                 short: bool = False) -> None:
-        self.op, self.nth, self.err, self.partial, self.short = op, nth, err, partial, short
-        self.calls: dict[str, int] = {}
-
-    def _hit(self, op: str) -> bool:
-        self.calls[op] = self.calls.get(op, 0) + 1
-        return op == self.op and self.calls[op] == self.nth
-
-    def pwritev(self, fd, buffers, offset):
-        if self.short:  # the kernel may write less than asked without an error
-            first = memoryview(buffers[0])
-            return os.pwritev(fd, [first[:max(1, len(first) // 3)]], offset)
-        if self._hit("pwritev"):
-            if self.partial:  # half of the group reaches the file, then the disk is full
-                data = b"".join(bytes(b) for b in buffers)
-                os.pwrite(fd, data[:len(data) // 2], offset)
-            raise OSError(self.err, os.strerror(self.err))
-        return super().pwritev(fd, buffers, offset)
-
-    def fdatasync(self, fd):
-        if self._hit("fdatasync"):
-            raise OSError(self.err, os.strerror(self.err))
-        super().fdatasync(fd)
-
-    def fallocate(self, fd, offset, length):
-        if self._hit("fallocate"):
-            raise OSError(self.err, os.strerror(self.err))
-        super().fallocate(fd, offset, length)
 
 
 # --- round trips -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,11 @@ from embstore.errors import (
 )
 from embstore.optim import FTRL, SGD, Adagrad, Adam, PiecewiseConstant
 from embstore.training import read_slot
-from embstore.wal import LogIO
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from torture import FaultyIO  # noqa: E402  (the one fault-injecting LogIO)
+
+from conftest import lazy_adam_reference  # noqa: E402
 
 N_ROWS, DIM, BATCH, STEPS = 1000, 16, 256, 50
 
@@ -164,21 +169,6 @@ def test_sgd_matches_keras_sgd_on_indexed_slices(tf, tmp_path):
     with new_store(tmp_path / "s") as store:
         train(store["t"], SGD(0.1), todo)
         assert_close(all_rows(store["t"]), var.numpy())
-
-
-def lazy_adam_reference(init, todo, lr, b1=0.9, b2=0.999, eps=1e-7):
-    """Textbook lazy Adam (tf-addons LazyAdam) in float64, written apart from the module."""
-    var = init.astype(np.float64)
-    m, v = np.zeros_like(var), np.zeros_like(var)
-    for t, (ids, grads) in enumerate(todo, start=1):
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        g = np.zeros((uniq.size, var.shape[1]))
-        np.add.at(g, inverse, grads.astype(np.float64))
-        m[uniq] = b1 * m[uniq] + (1 - b1) * g
-        v[uniq] = b2 * v[uniq] + (1 - b2) * g * g
-        m_hat, v_hat = m[uniq] / (1 - b1**t), v[uniq] / (1 - b2**t)
-        var[uniq] -= lr(t - 1) * m_hat / (np.sqrt(v_hat) + eps / np.sqrt(1 - b2**t))
-    return var, m, v
 
 
 def test_adam_through_the_store_matches_lazy_adam_reference(tmp_path):
@@ -620,32 +610,6 @@ def test_check_with_a_live_writer_counts_rows_published_since_the_checkpoint(tmp
 
 
 # --- failed sync, full disk ----------------------------------------------------------------
-
-
-class FaultyIO(LogIO):
-    """Fails the n-th call of one operation (as tests/test_wal.py does), optionally after
-    half of the group reached the file."""
-
-    def __init__(self, op: str, nth: int, err: int, partial: bool = False) -> None:
-        self.op, self.nth, self.err, self.partial = op, nth, err, partial
-        self.calls: dict[str, int] = {}
-
-    def _hit(self, op: str) -> bool:
-        self.calls[op] = self.calls.get(op, 0) + 1
-        return op == self.op and self.calls[op] == self.nth
-
-    def pwritev(self, fd, buffers, offset):
-        if self._hit("pwritev"):
-            if self.partial:
-                data = b"".join(bytes(b) for b in buffers)
-                os.pwrite(fd, data[: len(data) // 2], offset)
-            raise OSError(self.err, os.strerror(self.err))
-        return super().pwritev(fd, buffers, offset)
-
-    def fdatasync(self, fd):
-        if self._hit("fdatasync"):
-            raise OSError(self.err, os.strerror(self.err))
-        super().fdatasync(fd)
 
 
 FAULTS = {

@@ -335,27 +335,40 @@ def worker(path: str, seed: int, ack: int, fault: tuple[str, int, int], conn: An
 
 
 class FaultyIO(LogIO):
-    """Log I/O that fails the nth call of one operation with the given errno."""
+    """Log I/O that fails the nth call (1-based) of one operation with errno ``err``. With
+    ``partial`` a failing pwritev first writes half of its group to the file; with
+    ``short`` every pwritev writes only part of what it is given, as the kernel may
+    without an error. The torture's writers and tests/test_wal.py, test_writepath.py use
+    it."""
 
-    def __init__(self, op: str, nth: int, err: int) -> None:
-        self.op, self.nth, self.err, self.calls = op, nth, err, 0
+    def __init__(self, op: str, nth: int, err: int = errno.EIO, partial: bool = False,
+                 short: bool = False) -> None:
+        self.op, self.nth, self.err, self.partial, self.short = op, nth, err, partial, short
+        self.calls: dict[str, int] = {}
 
-    def _hit(self, op: str) -> None:
-        if op == self.op:
-            self.calls += 1
-            if self.calls == self.nth:
-                raise OSError(self.err, os.strerror(self.err))
+    def _hit(self, op: str) -> bool:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        return op == self.op and self.calls[op] == self.nth
 
     def pwritev(self, fd, buffers, offset):
-        self._hit("pwritev")
+        if self.short:
+            first = memoryview(buffers[0])
+            return os.pwritev(fd, [first[:max(1, len(first) // 3)]], offset)
+        if self._hit("pwritev"):
+            if self.partial:  # half of the group reaches the file, then the disk is full
+                data = b"".join(bytes(b) for b in buffers)
+                os.pwrite(fd, data[:len(data) // 2], offset)
+            raise OSError(self.err, os.strerror(self.err))
         return super().pwritev(fd, buffers, offset)
 
     def fdatasync(self, fd):
-        self._hit("fdatasync")
+        if self._hit("fdatasync"):
+            raise OSError(self.err, os.strerror(self.err))
         super().fdatasync(fd)
 
     def fallocate(self, fd, offset, length):
-        self._hit("fallocate")
+        if self._hit("fallocate"):
+            raise OSError(self.err, os.strerror(self.err))
         super().fallocate(fd, offset, length)
 
 
