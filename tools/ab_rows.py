@@ -33,7 +33,7 @@ from embstore.dtypes import DTYPE_CODES  # noqa: E402
 from native_bench.run import make_ids  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_core import BATCH, timed  # noqa: E402
+from bench_core import BATCH, timed, warm  # noqa: E402
 
 
 def load(path: str) -> Any:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="cache capacity in rows, as a multiple of the distinct ids "
                         "(2.16 = what bench_core's budget buys for 64-wide rows)")
     args = p.parse_args(argv)
-    table = embstore.open(args.store).table(args.dtype)
+    table = embstore.open(args.store).table(args.dtype, cache_bytes=0)  # warm() needs it off
     meta = table.meta
     out = np.empty((BATCH, meta.dim), np.float32)
     builds = []
@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             source.add_shard(mapping, 4096, meta.shard_header(index).data_offset)
         source.set_num_rows(meta.num_rows)
         builds.append((module, source))
-    whole = np.empty((1 << 16, meta.dim), np.float32)
     for dist in ("uniform", "zipf"):
         ids = make_ids(dist, BATCH * 100, meta.num_rows, seed=1)
         capacity = int(len(np.unique(ids)) * args.cache_x)
@@ -85,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             rate(lambda b: cache.gather(source, b, out), ids, 0)  # warm: 100% hits after
         runs: dict[str, list[float]] = {k: [] for k in ("offA", "offB", "onA", "onB")}
         for _ in range(args.repeats):
-            for lo in range(0, meta.num_rows, 1 << 16):  # map the table: memory, not disk
-                hi = min(lo + (1 << 16), meta.num_rows)
-                builds[0][1].gather(np.arange(lo, hi), whole[: hi - lo])
+            warm(table)  # the builds share these mappings: memory, not disk
             for key, cache, (_, source) in zip("AB", caches, builds):
                 runs["off" + key].append(rate(lambda b: source.gather(b, out), ids))
                 runs["on" + key].append(rate(lambda b: cache.gather(source, b, out), ids))

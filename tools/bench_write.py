@@ -27,20 +27,21 @@ the min and max as the spread):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/, when imported by path
+from benchsuite.common import Skip, pipelined_set, redis_server  # noqa: E402
 
 DIM = 64
 
@@ -202,68 +203,17 @@ def bench_tf(args: argparse.Namespace, work: list) -> dict[str, Any]:
 # --- Redis --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def redis_server(directory: Path) -> Iterator[tuple[Any, str]]:
-    import redis
-    exe = shutil.which("redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-         "--protected-mode", "yes", "--logfile", str(directory / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not answer PING")
-        version = client.info("server")["redis_version"]
-        yield client, version
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def bench_redis(args: argparse.Namespace, work: list) -> dict[str, Any]:
-    if shutil.which("redis-server") is None:
-        return {"skipped": "redis-server is not installed (apt-get install redis-server); "
-                           "Redis peer skipped"}
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        return {"skipped": "the redis Python package is missing (pip install redis hiredis); "
-                           "Redis peer skipped"}
     out: dict[str, Any] = {}
     directory = Path(tempfile.mkdtemp(prefix="embstore-bench-redis-", dir=args.dir))
     try:
-        with redis_server(directory) as (client, version):
-            out["version"] = version
+        with redis_server(directory, appendfsync="always") as client:
+            out["version"] = client.info("server")["redis_version"]
             steps = [([b"row:%d" % i for i in ids.tolist()], [r.tobytes() for r in g])
                      for ids, g in work]
 
             def once() -> float:
-                t0 = time.perf_counter()
-                for keys, values in steps:
-                    pipe = client.pipeline(transaction=False)
-                    for k, v in zip(keys, values):
-                        pipe.set(k, v)
-                    pipe.execute()
-                return time.perf_counter() - t0
+                return pipelined_set(client, steps)
 
             # The same pipeline as pre-encoded RESP bytes on a plain socket: what the
             # server can do when the client costs nothing (redis-py builds ~60k
@@ -294,6 +244,8 @@ def bench_redis(args: argparse.Namespace, work: list) -> dict[str, Any]:
                     repeat(once, args.repeats, args.steps * args.batch))
                 out[f"raw_resp_pipeline_appendfsync_{mode}"] = summarize(
                     repeat(raw_once, args.repeats, args.steps * args.batch))
+    except Skip as exc:  # redis-server or the redis package is missing
+        return {"skipped": f"{exc}; Redis peer skipped"}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return out

@@ -264,6 +264,18 @@ def lmdb_reader(path: Path):
     return env, txn, gather
 
 
+def pipelined_set(client: Any, steps: Sequence[tuple[list[bytes], list[bytes]]]) -> float:
+    """Seconds to SET every (keys, values) step, one non-transactional pipeline a step:
+    the Redis peer of a durable sparse update (tools/bench_write.py, suite S4)."""
+    t0 = time.perf_counter()
+    for keys, values in steps:
+        pipe = client.pipeline(transaction=False)
+        for k, v in zip(keys, values):
+            pipe.set(k, v)
+        pipe.execute()
+    return time.perf_counter() - t0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,6 +27,7 @@ from benchsuite.common import (
     nb,
     need_disk,
     open_main,
+    pipelined_set,
     redis_server,
     scratch,
     table_array,
@@ -317,13 +318,7 @@ def _own_redis(work: Path, items: list) -> dict[str, Any]:
                      for ids, g in items]
             for mode in ("always", "everysec"):
                 client.config_set("appendfsync", mode)
-                t0 = time.perf_counter()
-                for keys, values in steps:
-                    pipe = client.pipeline(transaction=False)
-                    for k, v in zip(keys, values):
-                        pipe.set(k, v)
-                    pipe.execute()
-                rate = sum(len(k) for k, _ in steps) / (time.perf_counter() - t0)
+                rate = sum(len(k) for k, _ in steps) / pipelined_set(client, steps)
                 out[f"pipelined_set_appendfsync_{mode}"] = {"median": rate}
     except Skip as exc:
         return {"skipped": str(exc)}
