@@ -21,6 +21,7 @@ seeded source, and print throughput and the cache hit rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -108,6 +109,20 @@ def run(path: Path, rows: int, dim: int, cache_fraction: float, seconds: float,
     return {"rows_per_s": rate, "hit_rate": stats["hit_rate"], "open_ms": open_ms}
 
 
+@contextlib.contextmanager
+def demo_store_path(path: Path | None) -> Iterator[Path]:
+    """``path`` if given, else a store path in a fresh temporary directory that is removed
+    afterwards (both demos)."""
+    if path is not None:
+        yield Path(path)
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="embstore-demo-"))
+    try:
+        yield workdir / "store"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embstore.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,16 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.dim = args.dim or 32
             return tf_demo.main_with(args)
-    workdir = None
-    path = args.path
-    if path is None:
-        workdir = Path(tempfile.mkdtemp(prefix="embstore-demo-"))
-        path = workdir / "store"
-    try:
+    with demo_store_path(args.path) as path:
         run(path, args.rows, args.dim or 64, args.cache_fraction, args.seconds, args.seed)
-    finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -20,9 +20,7 @@ TensorFlow is not installed). Steps:
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,14 +218,7 @@ def main_with(args: Any) -> int:
     cfg = Config(users=args.users, items=args.items, dim=args.dim, batch=args.batch,
                  steps=args.steps, epochs=args.epochs, learning_rate=args.learning_rate,
                  cache_fraction=args.cache_fraction, topk=args.topk, seed=args.seed)
-    workdir = None
-    path = args.path
-    if path is None:
-        workdir = Path(tempfile.mkdtemp(prefix="embstore-demo-"))
-        path = workdir / "store"
-    try:
+    from embstore.demo import demo_store_path
+    with demo_store_path(args.path) as path:
         run(path, cfg)
-    finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
