@@ -207,8 +207,9 @@ extern "C" {
 
 int embstore_tf_abi_version(void) { return 1; }
 
-/* Bind `ref` to a RowSource after checking that the mirrored layout reads the geometry
- * Python knows. Returns 0, or -1 on a layout mismatch (nothing bound). */
+/* Bind `ref` to a RowSource after checking that the layout this op was compiled with
+ * (rowsource.h) reads the geometry Python knows. Returns 0, or -1 on a mismatch (nothing
+ * bound). */
 int embstore_tf_bind(const char *ref, Py_ssize_t len, PyObject *source, int dtype, int dim,
                      Py_ssize_t stride, int shard_log2, int chunk_log2) {
   const auto *m = reinterpret_cast<const RowSource *>(source);

@@ -115,8 +115,9 @@ def load() -> Any:
 
 
 def _self_test(lib: Any) -> None:
-    """bind() checks the mirrored RowSource layout against known geometry: try it on a
-    RowSource with no shards, so a layout change disables the op before any read."""
+    """bind() reads a RowSource's geometry through the layout the op was compiled with
+    (rowsource.h): try it on a RowSource with no shards, so an op library and a _rows
+    module built from different layouts disable the op before any read."""
     probe = _rows.RowSource(1, 24, 96, 10, 4)  # float32, dim 24, stride 96, 1024 rows/shard
     ref = b"\0embstore-self-test"
     if lib.embstore_tf_bind(ref, len(ref), probe, 1, 24, 96, 10, 4) != 0:
