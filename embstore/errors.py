@@ -3,7 +3,9 @@
 Every failure mode has its own class. Each class also inherits the builtin exception a
 caller would naturally catch (``KeyError``, ``ValueError``, ``FileNotFoundError``...), so
 ``except ValueError`` keeps working for code that does not know embstore. Messages say
-what was expected, what came, and, where there is one, what to change.
+what was expected, what came, and, where there is one, what to change. Every class can
+be built from one message string, so frameworks that re-raise an error with more
+context (TensorFlow's AutoGraph, Keras' call info) keep its class.
 """
 
 from __future__ import annotations
@@ -29,9 +31,17 @@ class ShapeError(EmbstoreError, ValueError):
 
 
 class IdOutOfRangeError(EmbstoreError, IndexError):
-    """A row id is negative or not below the table's row count."""
+    """A row id is negative or not below the table's row count.
 
-    def __init__(self, bad_id: int, num_rows: int, table: str = "") -> None:
+    ``IdOutOfRangeError(message)`` also works: frameworks that re-raise an error with a
+    longer message (TensorFlow's AutoGraph, Keras) build it from the message alone."""
+
+    def __init__(self, bad_id: int | str, num_rows: int = -1, table: str = "") -> None:
+        if isinstance(bad_id, str):
+            self.bad_id = self.num_rows = None
+            self.table = table
+            super().__init__(bad_id)
+            return
         self.bad_id = int(bad_id)
         self.num_rows = int(num_rows)
         self.table = table

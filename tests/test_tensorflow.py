@@ -239,6 +239,25 @@ def test_safe_sparse_matches_tf(items, combiner, default_id):
     np.testing.assert_allclose(no_w.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["empty", "all-negative"])
+@pytest.mark.parametrize("in_function", [False, True])
+def test_safe_sparse_with_no_valid_id_gives_zeros(items, case, in_function):
+    """No id to look up at all: TF gives zero rows (regression: the store's rows handed
+    to TF had no row 0, which TF reads for empty rows before zeroing them)."""
+    path, data = items
+    if case == "empty":
+        sp_ids = tf.SparseTensor(tf.zeros([0, 2], tf.int64), tf.zeros([0], tf.int64), [3, 4])
+    else:
+        sp_ids = tf.SparseTensor([[0, 0], [0, 2], [2, 1]], tf.constant([-1, -5, -2], tf.int64),
+                                 [3, 4])
+    lookup = lambda i: etf.safe_embedding_lookup_sparse(path, i, None, "mean")  # noqa: E731
+    got = (tf.function(lookup) if in_function else lookup)(sp_ids)
+    want = tf.nn.safe_embedding_lookup_sparse(tf.constant(data), sp_ids, None, "mean")
+    assert got.shape == want.shape == (3, DIM)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(got.numpy(), np.zeros((3, DIM)))
+
+
 def test_sparse_inside_tf_function(items):
     path, data = items
     sp_ids, sp_w = _sparse(np.random.default_rng(3), (4, 3), fill=0.9)
@@ -287,6 +306,49 @@ def test_missing_store_named_when_building_and_when_serving(items, tmp_path):
         fn(tf.constant([1]))
     etf.set_store_path(None)
     np.testing.assert_array_equal(fn(tf.constant([1])).numpy(), data[[1]])
+
+
+def test_missing_store_or_table_inside_tf_function_and_tf_data_keeps_its_class(items, tmp_path):
+    """Errors raised while a tf.function or a tf.data map is traced pass through
+    AutoGraph: they must arrive as embstore's classes (not StagingError), so the except
+    clause a user writes for them catches them."""
+    path, _ = items
+    missing = tmp_path / "nowhere"
+    fn = tf.function(lambda x: etf.gather(missing, x, table="items"))
+    with pytest.raises(embstore.errors.StoreNotFoundError, match=str(missing)):
+        fn(tf.constant([1]))
+    fn = tf.function(lambda x: etf.gather(path, x, table="no_such_table"))
+    with pytest.raises(embstore.errors.TableNotFoundError, match="no_such_table"):
+        fn(tf.constant([1]))
+    ds = tf.data.Dataset.from_tensor_slices(np.array([[1], [2]]))
+    with pytest.raises(embstore.errors.StoreNotFoundError, match=str(missing)):
+        ds.map(lambda x: etf.gather(missing, x, table="items"))
+    with pytest.raises(embstore.errors.TableNotFoundError):
+        ds.map(lambda x: etf.gather(path, x, table="no_such_table"))
+
+
+def test_every_embstore_error_class_survives_autograph_and_keras():
+    """Both re-raise an error with more context built from one message string."""
+    from tensorflow.python.autograph.pyct import error_utils
+    for cls in ops._all_subclasses(embstore.errors.EmbstoreError):
+        err = cls("a message")
+        assert isinstance(err, cls) and "a message" in str(err)
+        assert cls in error_utils.KNOWN_STRING_CONSTRUCTOR_ERRORS
+
+
+def test_redirected_table_of_another_width_is_refused(tmp_path, lookup_path):
+    """A graph traced for dim 6 whose store path is redirected to a table of dim 9
+    must not return (2, 9) rows under its static (None, 6) shape: both kernels check."""
+    for name, dim in (("a", 6), ("b", 9)):
+        with create_store(tmp_path / name) as s:
+            s.create_table("t", dim, data=np.ones((4, dim), np.float32))
+    fn = tf.function(lambda x: etf.gather(tmp_path / "a", x, table="t"))
+    assert fn(tf.constant([1, 2])).shape == (2, 6)
+    etf.close_stores()
+    etf.set_store_path(tmp_path / "b", saved_path=tmp_path / "a")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dim 9.*6|9.*graph's 6"):
+        fn(tf.constant([1, 2]))
+    etf.set_store_path(None, saved_path=tmp_path / "a")
 
 
 def test_reader_sees_rows_a_writer_appends_later(tmp_path):
@@ -374,6 +436,8 @@ def test_layer_custom_loop_writes_tape_gradient(tmp_path):
         loss = _loss(out)
     grads = tape.gradient(loss, layer.trainable_weights)
     assert float(grads[0]) == 0.0  # the write trigger's gradient is zero
+    assert store["emb"].step == 0  # written when an optimizer applies the step, not before
+    keras.optimizers.SGD(0.01).apply(grads, layer.trainable_weights)
     with tf.GradientTape() as tape:
         ram_loss = _loss(tf.gather(var, ids))
     np.testing.assert_allclose(loss.numpy(), ram_loss.numpy(), rtol=1e-6)
@@ -394,7 +458,8 @@ def test_layer_with_combiner_trains_like_a_variable(tmp_path, ragged):
     var = tf.Variable(data)
     with tf.GradientTape() as tape:
         loss = _loss(layer(ids, training=True))
-    tape.gradient(loss, layer.trainable_weights)
+    grads = tape.gradient(loss, layer.trainable_weights)
+    keras.optimizers.SGD(0.01).apply(grads, layer.trainable_weights)
     with tf.GradientTape() as tape:
         sp = (ids if ragged else tf.RaggedTensor.from_tensor(ids)).to_sparse()
         ram_loss = _loss(tf.nn.safe_embedding_lookup_sparse(var, sp, None, combiner="sqrtn"))

@@ -29,6 +29,7 @@ from embstore.tensorflow.ops import (
     table_ref,
 )
 from embstore.tensorflow.saving import load, saved_references
+from embstore.tensorflow import _training  # noqa: F401  registers the training ops' callbacks
 
 __all__ = [
     "ENV_STORE_PATH",

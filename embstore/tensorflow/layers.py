@@ -1,32 +1,23 @@
 """``StoreEmbedding``: a Keras 3 layer that drops in for ``keras.layers.Embedding`` and
 keeps its table in an embstore store instead of a variable.
 
-Forward: the ids' rows are read from the store by the gather op (ops.py). Backward: the
-gradient with respect to the gathered rows, i.e. what TensorFlow would hand an
-optimizer as ``IndexedSlices(values=dy, indices=ids)``, is applied to the store by the
-apply op, which runs ``Table.apply_gradients`` with the layer's *sparse* optimizer
-(``"sgd"``, ``"adagrad"``, ``"adam"``, ``"ftrl"`` or an ``embstore.optim`` instance): only
-the touched rows and their optimizer slots are read and written, logged and synced once
-per step. The model's other layers train with the Keras optimizer given to ``compile``.
+Forward: the ids' rows are read from the store. Backward: the gradient with respect to
+the gathered rows (what TensorFlow would hand an optimizer as ``IndexedSlices(dy,
+ids)``) is staged, and when the Keras optimizer applies the step it is written to the
+table by ``Table.apply_gradients`` with the layer's *sparse* optimizer (``"sgd"``,
+``"adagrad"``, ``"adam"``, ``"ftrl"`` or an ``embstore.optim`` instance): only the
+touched rows and their optimizer slots are read and written, logged and synced once per
+step. The model's other layers train with the Keras optimizer given to ``compile``.
 
-How the write is hooked into ``model.fit``: Keras only differentiates with respect to
-trainable variables, so the layer owns one scalar trainable variable, ``store_step``,
-always zero. The lookup is a ``tf.custom_gradient`` function of (ids, store_step);
-when Keras asks for the gradient of ``store_step``, the gradient function runs the apply
-op and returns a zero gradient for ``store_step`` (and none for the ids), with a control
-dependency on the write. So a write happens exactly when Keras computes gradients: once
-per training step (never at trace time), after the step's reads, since the gradient it
-writes is computed from the loss, which depends on those reads. A zero gradient keeps
-``store_step`` at zero under every Keras optimizer (SGD, Adam, Adagrad, weight decay).
+The table takes exactly one optimizer step per Keras optimizer step, whatever optimizer
+is in ``compile``, with ``fit``, ``train_on_batch``, a custom ``train_step`` or a
+``GradientTape`` loop that calls ``optimizer.apply_gradients``; the gradients of every
+lookup of the table in the step are summed first; a loss-scaled step that the
+``LossScaleOptimizer`` skips writes nothing. ``_training.py`` explains how, and why no
+graph optimization can drop the write.
 
-Distribution: under a ``tf.distribute`` strategy with several replicas, the replicas'
-(ids, gradients) are all-gathered and replica 0 alone writes, so the store takes one
-step per global step, as a mirrored variable would.
-
-Limitations: calling the same layer twice in one step writes twice (two optimizer
-steps); use one call on concatenated ids. Loss scaling (``LossScaleOptimizer``,
-``loss_scale_factor``) is not undone on the store's gradients. The layer cannot be XLA
-compiled (``supports_jit = False``: the ops call Python).
+Distribution: under a ``tf.distribute`` strategy the replicas' gradients are all staged
+and replica 0 writes them in one step, as a mirrored variable's update would.
 """
 
 from __future__ import annotations
@@ -39,11 +30,10 @@ import tensorflow as tf
 
 from embstore.optim import SparseOptimizer, get_optimizer, optimizer_from_config
 from embstore.store import Store
-from embstore.tensorflow import _registry
+from embstore.tensorflow import _registry, _training
 from embstore.tensorflow.ops import (
     COMBINERS,
     TableRef,
-    _apply_op,
     _gather_dense,
     _lookup,
     optimizer_json,
@@ -81,7 +71,7 @@ class StoreEmbedding(keras.layers.Layer):
                  output_dim: int | None = None, optimizer_config: dict | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.supports_jit = False  # PyFunc ops cannot be XLA-compiled
+        self.supports_jit = False  # PyFunc ops cannot be XLA-compiled (jit_compile="auto")
         if combiner is not None and combiner not in COMBINERS:
             raise ValueError(f"combiner must be one of {COMBINERS} or None, got {combiner!r}")
         self._store_obj = store if isinstance(store, Store) else None
@@ -135,8 +125,8 @@ class StoreEmbedding(keras.layers.Layer):
     def build(self, input_shape: Any = None) -> None:
         if self.built:
             return
-        self.store_step = self.add_weight(name="store_step", shape=(), initializer="zeros",
-                                          trainable=True)
+        # one variable per table in this process, shared by every layer over the table
+        self.store_step = _training.step_variable(self._tref, self._optimizer_config)
         self.built = True
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
@@ -146,7 +136,15 @@ class StoreEmbedding(keras.layers.Layer):
         return (*shape, self.output_dim)
 
     def compute_output_spec(self, inputs: Any) -> keras.KerasTensor:
-        return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype="float32")
+        return keras.KerasTensor(self.compute_output_shape(inputs.shape),
+                                 dtype=self._output_dtype)
+
+    @property
+    def _output_dtype(self) -> str:
+        """Rows come out in the policy's compute dtype, as keras Embedding's do
+        (float16 under ``mixed_float16``); the table and its updates stay float32."""
+        dtype = self.compute_dtype
+        return dtype if dtype in ("float16", "bfloat16", "float64") else "float32"
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         if not self.mask_zero or self.combiner is not None:
@@ -162,12 +160,26 @@ class StoreEmbedding(keras.layers.Layer):
             if not ids.dtype.is_integer and ids.dtype != tf.string:
                 ids = tf.cast(ids, tf.int64)  # Keras Input defaults to float32 ids
         if training is False or not self.trainable:
-            rows_of = lambda x: _gather_dense(self._tref, x)  # noqa: E731
+            out = _lookup(self._tref, ids, lambda x: _gather_dense(self._tref, x),
+                          self.combiner, None)
         else:
             self._ensure_writer()
             step = tf.convert_to_tensor(self.store_step.value)
-            rows_of = lambda x: self._trainable_rows(x, step)  # noqa: E731
-        return _lookup(self._tref, ids, rows_of, self.combiner, None)
+            probes: list[tf.Tensor] = []
+
+            def rows_of(x: tf.Tensor) -> tf.Tensor:
+                rows, probe = _training.trainable_lookup(
+                    self._tref, self._optimizer_config, x, step, settle=training is True)
+                probes.append(probe)
+                return rows
+
+            out = _lookup(self._tref, ids, rows_of, self.combiner, None)
+            # the loss-scale probe: its gradient is what the loss was multiplied by
+            self.add_loss(tf.add_n(probes) if len(probes) > 1 else probes[0])
+        if self._output_dtype != "float32":
+            out = tf.cast(out, self._output_dtype) if not isinstance(out, tf.RaggedTensor) \
+                else out.with_flat_values(tf.cast(out.flat_values, self._output_dtype))
+        return out
 
     def _ensure_writer(self) -> None:
         """Training writes: make sure the process holds the store open for writing."""
@@ -179,24 +191,6 @@ class StoreEmbedding(keras.layers.Layer):
             _registry.open_store(_registry.effective_path(self.store_path), mode="r+")
         self._writer_ready = True
 
-    def _trainable_rows(self, ids: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-        tref, config = self._tref, self._optimizer_config
-
-        @tf.custom_gradient
-        def lookup(ids: tf.Tensor, step: tf.Tensor) -> Any:
-            rows = _gather_dense(tref, ids)
-
-            def grad(dy: Any) -> tuple[None, tf.Tensor]:
-                dy = tf.convert_to_tensor(dy)
-                with tf.control_dependencies([rows]):  # this step's read comes first
-                    written = _write_once(tref, ids, dy, config)
-                with tf.control_dependencies([written]):
-                    return None, tf.zeros_like(step)
-
-            return rows, grad
-
-        return lookup(ids, step)
-
     # --- config ------------------------------------------------------------------------
 
     def get_config(self) -> dict[str, Any]:
@@ -206,16 +200,3 @@ class StoreEmbedding(keras.layers.Layer):
                        "combiner": self.combiner})
         return config
 
-
-def _write_once(tref: TableRef, ids: tf.Tensor, dy: tf.Tensor, config: str) -> tf.Tensor:
-    """The apply op for this step's (ids, dy): once per global step, also with replicas."""
-    flat_ids = tf.reshape(ids, [-1])
-    flat_dy = tf.reshape(dy, [-1, tref.dim])
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return _apply_op(tref, flat_ids, flat_dy, config)
-    all_ids = ctx.all_gather(flat_ids, axis=0)
-    all_dy = ctx.all_gather(flat_dy, axis=0)
-    return tf.cond(tf.equal(ctx.replica_id_in_sync_group, 0),
-                   lambda: _apply_op(tref, all_ids, all_dy, config),
-                   lambda: tf.constant(-1, tf.int64))

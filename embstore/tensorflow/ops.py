@@ -154,9 +154,18 @@ class _OutputPool:
 _pool = _OutputPool()
 
 
-def _gather_callback(ref: bytes, ids: np.ndarray) -> np.ndarray:
+def _gather_callback(ref: bytes, ids: np.ndarray, dim: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """Rows of ``ids``. ``dim``: the row width the graph was built for (graphs saved
+    before it was passed have none): a table redirected to one of another width must
+    not hand TensorFlow rows that contradict the op's static shape."""
     for attempt in (0, 1):
         table = _table_for(ref)
+        if dim is not None and table.dim != int(dim):
+            raise EmbstoreOpError(
+                f"ShapeError: table {table.name!r} (reference {ref.decode()}) has dim "
+                f"{table.dim}, but the graph was built for dim {int(dim)} (was the store "
+                "path redirected to another table?)") from None
         try:
             if table.key_type is not None:  # keyed tables: index lookups, no pool
                 return table.gather(ids)
@@ -206,6 +215,26 @@ def register_callbacks() -> None:
     registry = script_ops._py_funcs  # noqa: SLF001
     registry._funcs[GATHER_TOKEN] = _gather_callback  # noqa: SLF001
     registry._funcs[APPLY_TOKEN] = _apply_callback  # noqa: SLF001
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    return [cls] + [c for sub in cls.__subclasses__() for c in _all_subclasses(sub)]
+
+
+def keep_error_classes_through_autograph() -> None:
+    """An error raised while a ``tf.function`` or ``tf.data`` map is traced (a missing
+    store or table, a bad argument) passes through AutoGraph, which re-raises it with
+    the user's code location in the message: as the same class when it knows the class
+    takes one message string, else as ``StagingError``, which ``except
+    embstore.errors.StoreNotFoundError`` would not catch. Every embstore error takes one
+    message string; tell AutoGraph so (its list is private, stable since TF 2.2)."""
+    try:
+        from tensorflow.python.autograph.pyct import error_utils
+    except ImportError:  # a TensorFlow without it raises the classes as they are
+        return
+    known = tuple(error_utils.KNOWN_STRING_CONSTRUCTOR_ERRORS)
+    ours = tuple(c for c in _all_subclasses(EmbstoreError) if c not in known)
+    error_utils.KNOWN_STRING_CONSTRUCTOR_ERRORS = known + ours
 
 
 # --- table references --------------------------------------------------------------------
@@ -264,7 +293,25 @@ def table_ref(table_or_path: Any, table: str | None = None) -> TableRef:
 # --- dense gather ------------------------------------------------------------------------
 
 
+def _in_xla_function() -> bool:
+    """Whether ops built now go into an XLA-compiled function (``jit_compile=True``)."""
+    try:
+        from tensorflow.python.ops import control_flow_util  # private, stable since TF 1.x
+        return bool(control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return False
+
+
 def _check_ids(ids: tf.Tensor, tref: TableRef) -> tf.Tensor:
+    if _in_xla_function():
+        # XLA would fail at the first call with "No registered 'PyFunc' OpKernel for
+        # XLA_CPU_JIT": say what it is and what to do, while the graph is built
+        raise InvalidArgumentError(
+            f"embstore ops on table {tref.table!r} cannot run inside an XLA-compiled "
+            "function (tf.function(jit_compile=True)): they read and write the store on "
+            "the host. Use jit_compile=False there (Keras' compile(jit_compile='auto') "
+            "already does for models with a StoreEmbedding layer)")
     if ids.dtype in (tf.int32, tf.int64):
         return ids
     if ids.dtype == tf.string and tref.key_type == "bytes":
@@ -281,8 +328,9 @@ def _gather_dense(tref: TableRef, ids: tf.Tensor, name: str | None = None) -> tf
     if _native_op.usable(tref):  # dense tables without a cache
         return _native_op.gather(tf.constant(tref.ref), ids, tref.dim,
                                  name=name or "embstore_gather")
-    (rows,) = tf.raw_ops.PyFunc(input=[tf.constant(tref.ref), ids], token=GATHER_TOKEN,
-                                Tout=[tf.float32], name=name or "embstore_gather")
+    (rows,) = tf.raw_ops.PyFunc(input=[tf.constant(tref.ref), ids, tf.constant(tref.dim)],
+                                token=GATHER_TOKEN, Tout=[tf.float32],
+                                name=name or "embstore_gather")
     rows.set_shape(ids.shape.concatenate([tref.dim]))
     return rows
 
@@ -464,6 +512,11 @@ def _safe_lookup_sparse(tref: TableRef, sparse_ids: Any, sparse_weights: Any, co
     params = rows_of(uniq)
     if default_id is not None:
         idx = idx[1:]
+    else:
+        # TF looks up row 0 for an empty row before zeroing it: with no valid id at all
+        # params would have no row 0, so a zero row goes first
+        params = tf.concat([tf.zeros([1, tref.dim], params.dtype), params], 0)
+        idx = idx + 1
     remapped = tf.tensor_scatter_nd_update(tf.fill(tf.shape(values), tf.constant(-1, tf.int64)),
                                            tf.where(valid), idx)
     return tf.nn.safe_embedding_lookup_sparse(
@@ -472,4 +525,5 @@ def _safe_lookup_sparse(tref: TableRef, sparse_ids: Any, sparse_weights: Any, co
 
 
 register_callbacks()
+keep_error_classes_through_autograph()
 _native_op.load()  # registers the native op before any SavedModel is loaded
