@@ -2,9 +2,9 @@
 
 Every figure on the page comes from the results: the tables and plots from the cases,
 the details from what each scenario recorded beside them, the verdicts from the ratios.
-The prose of a section is its scenario's ABOUT, a template filled from the run's notes:
-it says how the scenario measures and why the contenders differ, never a number that
-was not measured.
+The prose of a section comes from scenarios/about.md, a template filled from the run's
+notes: it says how the scenario measures and why the contenders differ, never a number
+that was not measured.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from benchsuite.fmt import Case, fmt, fmt_stat, fx, is_ceiling, med, pct, ratio, rstat, short
-from benchsuite.scenarios import SCENARIOS
 
 MAX_PNG = 200 * 1024
+ABOUT = Path(__file__).parent / "scenarios" / "about.md"
 Results = dict[str, Any]
 # the unit of a recorded figure, by how its key ends (first match wins)
 UNITS = (("_rate", "%"), ("_fill", "%"), ("_ms_per_step", "ms"), ("_ms", "ms"), ("_per_s", "/s"),
@@ -203,6 +203,8 @@ def benchmarks_md(results: Results, plots: dict[str, str]) -> str:
         "redo only this page and the plots).", "",
         "## Summary", "", summary_table(results), "",
     ]
+    parts = re.split(r"^## (\S+)\n", ABOUT.read_text(), flags=re.M)[1:]  # "## SID", text
+    about = {sid: " ".join(text.split()) for sid, text in zip(parts[::2], parts[1::2])}
     bad = weak_spots(results)
     if bad:
         out += ["## Where embstore loses in this run", "",
@@ -214,9 +216,9 @@ def benchmarks_md(results: Results, plots: dict[str, str]) -> str:
         if sc["status"] != "ok":
             out += [f"**{sc['status']}**: {sc.get('reason', '')}", ""]
             continue
-        if sid in SCENARIOS:
-            values = _Values({**results["config"], **sc.get("notes", {})})
-            out += [SCENARIOS[sid].ABOUT.format_map(values), ""]
+        if sid in about:
+            out += [about[sid].format_map(_Values({**results["config"], **sc.get("notes", {})})),
+                    ""]
         if sid in plots:
             out += [f"![{sid} {sc['title']}]({plots[sid]})", ""]
         for case in sc.get("cases", []):

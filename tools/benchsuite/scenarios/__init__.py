@@ -1,8 +1,8 @@
-"""The scenarios, one module each. A scenario module has TITLE, ABOUT (the prose of its
-section in docs/BENCHMARKS.md, a template filled from its notes and the run's config),
-USES_MAIN_TABLE (whether it reads the suite's shared table), ``run(cfg) -> result`` (run
-in a child process of its own) and, when it measures from outside, CHILDREN: the child
-programs it starts (tools/bench_suite.py --_child SID.NAME)."""
+"""The scenarios, one module each. A scenario module has TITLE, USES_MAIN_TABLE (whether
+it reads the suite's shared table), ``run(cfg) -> result`` (run in a child process of its
+own) and, when it measures from outside, CHILDREN: the child programs it starts
+(tools/bench_suite.py --_child SID.NAME). The prose of its section in docs/BENCHMARKS.md
+is data beside it, in about.md."""
 
 from __future__ import annotations
 

@@ -13,14 +13,6 @@ from native_bench import run as nb
 
 TITLE = "Cache at 100% hits, per storage dtype"
 USES_MAIN_TABLE = False
-ABOUT = (
-    "One single-shard table of {rows:,} x 64 rows per storage dtype, the same rows in each. "
-    "Cache off, every repeat first maps the whole table so it measures memory, not disk, "
-    "and rows are decoded from the mapping. Cache on, its budget holds every distinct id "
-    "of the stream and one pass fills it before the clock starts, so every lookup hits; "
-    "the cache holds decoded float32 rows, so a hit touches its hash bucket, its slot, the "
-    "decoded row and the chunk counter, where a narrow row read from the mapping may touch "
-    "fewer cache lines.")
 LABELS = {"cache_off": "embstore, cache off (rows decoded from the mapping)",
           "embstore_cache": "embstore, cache holding every id (100% hits)"}
 

@@ -13,10 +13,6 @@ from benchsuite.host import dir_bytes, need_disk, scratch
 
 TITLE = "Open a 10 GiB table"
 USES_MAIN_TABLE = False
-ABOUT = (
-    "A preallocated table of {gib} GiB (fallocate, nothing written), opened and its last "
-    "row gathered, {n} times. Opening reads the manifest; the first use of a table reads "
-    "its shard headers and maps them, so the time does not grow with the table.")
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:

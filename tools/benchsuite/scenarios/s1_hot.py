@@ -18,19 +18,6 @@ from native_bench import run as nb
 
 TITLE = "Hot gather (table in page cache)"
 USES_MAIN_TABLE = True
-ABOUT = (
-    "The {table_gb} GB table ({rows:,} x {dim} float32) in page cache, batches of {batch} "
-    "ids, uniform and Zipf(1.05) with the hot ids scattered over the table. The ceiling is a "
-    "C memcpy gather from the same shard file with prefetch 16, in the same rounds. Per row "
-    "embstore does what that loop does not: it checks the id against the table size and "
-    "reads the row's chunk counter (another cache line) before and after copying it, in "
-    "groups of 32 rows, so a concurrent writer can never hand out a torn row; the per-call "
-    "case shows the fixed cost of a call (validating ids and `out=`, entering native code). "
-    "numpy's take copies row by row with no software prefetch; np.memmap[ids] also "
-    "allocates a fresh result array per batch; the TensorFlow contenders read an in-RAM "
-    "tf.Variable. Per-key stores pay per row what embstore pays per batch: LMDB one "
-    "Python-level txn.get per key, Redis MGET encodes every key and answers over loopback, "
-    "h5py fancy indexing needs sorted unique ids and reads a hyperslab per selection.")
 LABELS = {
     "c_gather": "C gather, prefetch 16 (ceiling)",
     "embstore": "embstore Table.gather(out=)",

@@ -22,19 +22,6 @@ from native_bench import run as nb
 
 TITLE = "Larger than memory"
 USES_MAIN_TABLE = True
-ABOUT = (
-    "The {table_gb} GB table was read by a process in a memory cgroup limited to "
-    "{limit_gb} GB, page cache included, so at most half of it (less the process and "
-    "embstore's cache) can be resident. Each run starts with the table evicted, warms up "
-    "for {warm_s} s, then measures {measure_s} s on a stream of Zipf ids that never wraps (a "
-    "wrapped stream repeats ids the cache already holds). The ceilings are {cold_count:,} "
-    "cold random reads of one row each (native_bench coldread). A miss is read from the "
-    "mapping with the cache's mutex released (the slot is reserved under the lock and "
-    "filled after the read), and a reader whose misses wait for the disk requests all their "
-    "pages at once (MADV_WILLNEED), so even one thread keeps many disk reads in flight. The "
-    "details give the cache's hit rate, how full it was at the end (a cache that had not "
-    "filled describes a serving process's first seconds, not its steady state) and the "
-    "major faults per second.")
 CGROUP = Path("/sys/fs/cgroup/memory")
 MIN_LIMIT = 256 << 20  # below this the interpreter itself thrashes
 

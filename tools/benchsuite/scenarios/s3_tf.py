@@ -16,16 +16,6 @@ from native_bench import run as nb
 
 TITLE = "TensorFlow integration"
 USES_MAIN_TABLE = True
-ABOUT = (
-    "A copy of the shared table ({rows:,} rows) in a store of its own (the Keras case "
-    "trains it) and in an in-RAM tf.Variable; Zipf(1.05) ids in batches of {batch}. tf.data: "
-    "`from_tensor_slices(id batches).map(lookup, num_parallel_calls=AUTOTUNE).prefetch()`, "
-    "iterated from Python. tf.function: one lookup per call. Keras: `model.fit` steps/s of "
-    "Embedding -> mean -> Dense(1) with SGD, batches of 1024 x 8 ids: StoreEmbedding reads "
-    "and writes through the store, one logged and synced commit per step, against "
-    "keras.layers.Embedding. Each embstore figure is measured with the native op and with "
-    "the PyFunc path; the C gather ceiling takes turns with them in the rows/s cases. Native "
-    "op: {native}.")
 Thunk = Callable[[], float]
 
 

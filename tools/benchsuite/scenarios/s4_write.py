@@ -19,17 +19,6 @@ from native_bench import run as nb
 
 TITLE = "Durable write-back"
 USES_MAIN_TABLE = False
-ABOUT = (
-    "Each step applies SGD to {batch} random rows (duplicates summed) of a {rows:,} x 64 "
-    "float32 table, logs the new rows ({log_kib} KiB) and fdatasyncs the log before "
-    "returning; each round uses a new store, warmed by one pass over the steps, then times "
-    "{steps} steps and, in one more pass, where a step's time goes (the details' "
-    "breakdown). The ceiling is the rate one fdatasync after a step's log bytes allows. "
-    "Redis writes the step's rows as pipelined SETs of 256-byte values, its AOF synced "
-    "`always` (before replying) or `everysec`, through redis-py and as pre-encoded RESP "
-    "on a socket; with `always` it writes and fsyncs its AOF once per pass of its event "
-    "loop and reads a client's pipeline in 16 KiB pieces, so one step costs it many syncs "
-    "where embstore pays one. numpy and TensorFlow update in RAM and are not durable.")
 LABELS = {
     "fsync_ceiling": "one fdatasync of a step's log bytes (ceiling)",
     "embstore": "embstore apply_gradients, SGD, fdatasync per step",

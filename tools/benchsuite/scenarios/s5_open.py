@@ -24,16 +24,6 @@ from native_bench import run as nb
 
 TITLE = "Open and load time"
 USES_MAIN_TABLE = True
-ABOUT = (
-    "Every contender runs in a fresh process with its libraries imported before the clock "
-    "starts, after its files were evicted from the page cache; the figure is open + the "
-    "first gather of {batch} random rows (the details split it). Opening an embstore table "
-    "reads the manifest and maps the shards; no row is read until one is asked for, and "
-    "the first gather faults its rows in one at a time. np.load(mmap_mode='r') maps "
-    "the file; a full np.load reads all of it; the TensorFlow contender restores a "
-    "tf.train.Checkpoint into a tf.Variable (created first: the other figure includes its "
-    "creation). The ceilings fetch the same number of cold random rows with 16 preads in "
-    "flight, and through a MADV_RANDOM mapping on one thread. Big table: {big_table}.")
 LABELS = {
     "cold_pread16": "4096 cold random rows, pread 16 threads (ceiling)",
     "cold_mmap_random": "4096 cold random rows, mmap MADV_RANDOM, 1 thread",

@@ -19,13 +19,6 @@ from benchsuite.procs import child_argv, emit
 
 TITLE = "Memory of N serving processes"
 USES_MAIN_TABLE = True
-ABOUT = (
-    "Each process opens the {table_gb} GB table and gathers every row once, then the total "
-    "proportional set size (PSS, /proc/PID/smaps_rollup) of all of them is read; the table "
-    "is in page cache for both. embstore's mapped shards are page cache that every process "
-    "shares (PSS splits a shared page between its mappers), while np.load copies the table "
-    "into private memory in every process. The ideal is the table once plus N bare "
-    "interpreters; the details give the time until the slowest process had touched every row.")
 LABELS = {
     "ideal": "one shared copy: table bytes + N x bare interpreter (ceiling)",
     "embstore": "N processes, embstore.open, gather every row",

@@ -20,18 +20,6 @@ from native_bench import run as nb
 
 TITLE = "Bulk import and export"
 USES_MAIN_TABLE = True
-ABOUT = (
-    "Every input was written earlier in the same round, so it is in page cache. Import "
-    "reads the .npy in 32 MiB chunks, checks that every value is finite, writes the rows "
-    "with pwrite and syncs the shards before publishing them in the manifest (durable when "
-    "it returns); the table is created with `expected_rows`, as `embstore-cli import` does, "
-    "which sizes its shards ({shards_hint} here), and once without the hint, growing in "
-    "small shards ({shards_nohint}), each a file to create, preallocate, map and sync. "
-    "np.save writes one in-memory buffer. Export reads the shards and writes and fsyncs a "
-    "new .npy; reading the whole table into one array goes through iter_rows, which preads "
-    "each 32 MiB chunk of float32 rows into a new array that the harness copies into the "
-    "result (two passes, a new allocation per chunk), where np.load reads straight into "
-    "its array.")
 LABELS = {
     "seqio_write": "sequential write + fsync, C (ceiling)",
     "seqio_read_warm": "sequential read from page cache, C (ceiling)",

@@ -17,13 +17,6 @@ from native_bench import run as nb
 
 TITLE = "Dynamic-key lookup"
 USES_MAIN_TABLE = False
-ABOUT = (
-    "{keys:,} random int64 keys, 64 float32 each; the keyed gather looks the keys up in a "
-    "native open-addressing hash (uint32 row slots compared against a mapped row -> key "
-    "array, in front of LMDB) and then gathers the rows, against the same gather given the "
-    "row ids and the C gather of those rows. The details give the hash's RAM per key and "
-    "the time to build the table. The peers are handed their keys already encoded as bytes "
-    "(untimed), a benefit embstore, fed int64 arrays, does not need.")
 LABELS = {
     "c_gather": "C gather of the same rows by row id (ceiling)",
     "embstore": "embstore keyed Table.gather(keys, out=)",
