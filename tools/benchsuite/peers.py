@@ -145,19 +145,14 @@ def resp(*commands: Sequence[bytes]) -> bytes:
 def redis_load(client: Any, keys: np.ndarray, rows: Any, chunk: int = 100_000) -> None:
     """SET every key to its row with MSET commands sent on a raw socket (redis-py would
     spend ~1 min of Python on 4 M keys; the load is not measured)."""
-    with socket.create_connection(("127.0.0.1", client.port)) as sock:
+    with socket.create_connection(("127.0.0.1", client.port)) as sock, \
+            sock.makefile("rb") as replies:
         for s in range(0, len(keys), chunk):
             block = np.ascontiguousarray(rows[s : s + chunk], np.float32)
             pairs = [x for kv in zip(key_bytes(keys[s : s + chunk]), map(bytes, block))
                      for x in kv]
             sock.sendall(resp([b"MSET", *pairs]))
-            reply = b""
-            while not reply.endswith(b"\r\n"):
-                got = sock.recv(256)
-                if not got:
-                    raise RuntimeError("redis-server closed the connection during the load")
-                reply += got
-            if reply != b"+OK\r\n":
+            if (reply := replies.readline()) != b"+OK\r\n":
                 raise RuntimeError(f"redis MSET answered {reply[:200]!r}")
 
 
@@ -184,16 +179,13 @@ def raw_set(port: int, steps: Sequence[tuple[list[bytes], list[bytes]]]) -> floa
     what the server can do when its client costs nothing (redis-py builds ~60k
     commands/s in Python, which bounds pipelined_set)."""
     payloads = [resp(*([b"SET", k, v] for k, v in zip(keys, values))) for keys, values in steps]
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with socket.create_connection(("127.0.0.1", port)) as sock, sock.makefile("rb") as replies:
         t0 = time.perf_counter()
         for payload, (keys, _) in zip(payloads, steps):
             sock.sendall(payload)
-            got, want = 0, len(b"+OK\r\n") * len(keys)
-            while got < want:
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    raise RuntimeError("redis-server closed the connection")
-                got += len(chunk)
+            want = len(b"+OK\r\n") * len(keys)  # every SET answers +OK
+            if len(replies.read(want)) < want:
+                raise RuntimeError("redis-server closed the connection")
         return time.perf_counter() - t0
 
 

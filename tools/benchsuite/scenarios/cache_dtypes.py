@@ -46,7 +46,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 runs, skip = interleave({"cache_off": off, "embstore_cache": on},
                                         cfg["repeats"], {}, f"{dt} {dist}")
                 table.set_cache_bytes(0)
-                cases.append(make_case(f"cache {dt}, 100% hits, {dist} ids", "rows/s", True,
+                ids_name = "uniform" if dist == "uniform" else "Zipf(1.05)"
+                cases.append(make_case(f"cache {dt}, 100% hits, {ids_name} ids", "rows/s", True,
                                        runs, skip, LABELS, ours=("embstore_cache",),
                                        extra={"dtype": dt, "dist": dist}))
     return {"cases": cases, "notes": {"rows": cfg["rows"]}}

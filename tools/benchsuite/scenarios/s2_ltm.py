@@ -136,8 +136,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                ours=(on,), extra={"alpha": t_alpha, "threads": nthr,
                                                   "budget": t_frac}))
     return {"cases": cases, "details": details, "notes": {
-        "rows": rows, "table_bytes": table_bytes, "table_gb": round(table_bytes / 1e9, 2),
-        "memory_limit_bytes": limit, "limit_gb": round(limit / 1e9, 2),
+        "rows": rows, "dim": 64, "table_bytes": table_bytes,
+        "table_gb": round(table_bytes / 1e9, 2), "memory_limit_bytes": limit,
+        "limit_gb": round(limit / 1e9, 2),
         "budgets": s2["budgets"], "warm_s": s2["warm_s"], "measure_s": s2["measure_s"],
         "stream_ids": s2["stream_ids"], "cold_count": len(cold_ids)}}
 
