@@ -60,39 +60,37 @@ QUICK: dict[str, Any] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    listing = "\n".join(textwrap.indent(m.__doc__ or "", " " * 2) for m in SCENARIOS.values())
+    listing = "\n".join(textwrap.indent(m.__doc__ or "", "  ") for m in SCENARIOS.values())
     p = argparse.ArgumentParser(
         prog="tools/bench_suite.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{__doc__}\nScenarios (the extras run only when named):\n{listing}",
         epilog="Exit status: 0 when every scenario asked for ran or was skipped with a "
                "reason, 1 when one failed, 2 on bad arguments.")
-    p.add_argument("--quick", action="store_true",
-                   help="small tables, 3 repeats, S2 and the 10 GB table left out: a smoke run "
-                        "for CI (< 3 min)")
-    p.add_argument("--scenarios", default=",".join(DEFAULT),
-                   help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: S1..S8)")
-    p.add_argument("--rows", type=int, help="rows of the shared 64-wide float32 table "
-                                             "(default 4,000,000 = 1.02 GB; --quick 200,000)")
-    p.add_argument("--repeats", type=int, help="interleaved repeats per figure (default 5, "
-                                                "--quick 3; at least 3)")
-    p.add_argument("--s5-big-gb", type=float, help="size of S5's big table in GB (default 10; "
-                                                    "0 to leave it out; always out with --quick)")
-    p.add_argument("--no-tf", action="store_true",
-                   help="leave the TensorFlow contenders out (recorded as skipped)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench_out",
-                   help="where results.json and results.md go (default bench_out/)")
-    p.add_argument("--docs", type=Path,
-                   help="where BENCHMARKS.md and img/ go (default docs/ for a full run of "
-                        "S1..S8, else OUT/docs: a partial run never replaces the published page)")
-    p.add_argument("--no-docs", action="store_true", help="write no plots and no BENCHMARKS.md")
-    p.add_argument("--workdir", type=Path,
-                   help="directory for the temporary tables (default: the system temp dir)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary tables")
-    p.add_argument("--from-json", type=Path, metavar="RESULTS",
-                   help="measure nothing: regenerate the markdown, plots and docs from RESULTS")
-    p.add_argument("--_scenario", help=argparse.SUPPRESS)
-    p.add_argument("--_config", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--_result", type=Path, help=argparse.SUPPRESS)
+    add = p.add_argument
+    add("--quick", action="store_true", help="small tables, 3 repeats, S2 and the 10 GB table "
+        "left out: a smoke run for CI (< 3 min)")
+    add("--scenarios", default=",".join(DEFAULT),
+        help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: S1..S8)")
+    add("--rows", type=int, help="rows of the shared 64-wide float32 table (default "
+        "4,000,000 = 1.02 GB; --quick 200,000)")
+    add("--repeats", type=int, help="interleaved repeats per figure (default 5, --quick 3; "
+        "at least 3)")
+    add("--s5-big-gb", type=float, help="size of S5's big table in GB (default 10; 0 to leave "
+        "it out; always out with --quick)")
+    add("--no-tf", action="store_true", help="leave the TensorFlow contenders out (recorded "
+        "as skipped)")
+    add("--out", type=Path, default=ROOT / "bench_out", help="where results.json and "
+        "results.md go (default bench_out/)")
+    add("--docs", type=Path, help="where BENCHMARKS.md and img/ go (default docs/ for a full "
+        "run of S1..S8, else OUT/docs: a partial run never replaces the published page)")
+    add("--no-docs", action="store_true", help="write no plots and no BENCHMARKS.md")
+    add("--workdir", type=Path, help="directory for the temporary tables (default: the "
+        "system temp dir)")
+    add("--keep", action="store_true", help="keep the temporary tables")
+    add("--from-json", type=Path, metavar="RESULTS",
+        help="measure nothing: regenerate the markdown, plots and docs from RESULTS")
+    for hidden in ("--_scenario", "--_config", "--_result"):  # a scenario's child process
+        add(hidden, help=argparse.SUPPRESS)
     return p
 
 
@@ -158,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     if a._scenario:
-        return run_here(a._scenario, a._config, a._result)
+        return run_here(a._scenario, Path(a._config), Path(a._result))
     by_name = {k.lower(): k for k in SCENARIOS}
     names = [by_name.get(s.strip().lower(), s.strip()) for s in a.scenarios.split(",") if s.strip()]
     if not names or any(s not in SCENARIOS for s in names):

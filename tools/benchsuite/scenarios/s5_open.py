@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -108,13 +107,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                f"free memory, {meminfo('MemAvailable') / 1e9:.1f} GB is available")
                 sizes.append(("big", big_rows, big_files(work, big_rows, dim),
                               {k: "measured on the first (shared) table only" for k in TF_KEYS}))
-            except Exception as exc:  # keep the first table's figures; free the disk
+            except Exception as exc:  # keep the first table's figures
                 notes["big_table"] = str(exc) if isinstance(exc, Skip) else \
                     f"building it failed: {type(exc).__name__}: {exc}"
                 log(f"S5: big table left out: {notes['big_table']}")
-                for leftover in ("big_store", "big.npy", "big.h5"):
-                    shutil.rmtree(work / leftover, ignore_errors=True)
-                    (work / leftover).unlink(missing_ok=True)
         cases = [size_case(cfg, label, n, stride, paths, skip, work, tfw)
                  for label, n, paths, skip in sizes]
     return {"cases": cases, "notes": notes}
