@@ -25,7 +25,7 @@ ALWAYS = {
 
 
 def test_make_case_ratios_pair_repeats():
-    from benchsuite.common import make_case
+    from benchsuite.cases import make_case
     runs = {"embstore": [10.0, 20.0, 30.0], "peer": [5.0, 40.0, 10.0], "c": [20.0, 20.0, 60.0]}
     case = make_case("t", "rows/s", True, runs, {"gone": "not installed"},
                      {"c": "ceiling", "embstore": "ours", "peer": "peer", "gone": "gone"},
@@ -86,9 +86,35 @@ def test_quick_suite_smoke(tmp_path):
         assert f"img/{p.name}" in bench
     # the temporary tables are gone
     assert not [p for p in os.listdir(tmp_path) if p.startswith("embstore-suite.")]
+    # the page and its tables can be regenerated from results.json alone
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_suite.py"), "--from-json",
+                           str(out / "results.json"), "--out", str(again), "--docs",
+                           str(again / "docs")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (again / "results.md").read_text() == md
+    assert (again / "docs" / "BENCHMARKS.md").read_text() == bench
+
+
+def test_scenario_modules_and_no_import_circle():
+    """Every scenario has what the suite uses and its prose in about.md; nothing in the
+    harness imports the report, which turns results into pages."""
+    from benchsuite.scenarios import DEFAULT, SCENARIOS
+    assert DEFAULT == tuple(f"S{i}" for i in range(1, 9))
+    assert {"cache_dtypes", "open10g"} <= set(SCENARIOS)
+    about = (ROOT / "tools" / "benchsuite" / "scenarios" / "about.md").read_text()
+    for sid, module in SCENARIOS.items():
+        assert module.TITLE and callable(module.run), sid
+        assert isinstance(module.USES_MAIN_TABLE, bool), sid
+        assert f"\n## {sid}\n" in about, sid
+    for path in (ROOT / "tools" / "benchsuite").rglob("*.py"):
+        if path.name != "report.py":
+            assert "benchsuite.report" not in path.read_text() and \
+                "import report" not in path.read_text(), path
 
 
 def test_help_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_suite.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--quick" in proc.stdout and "S8" in proc.stdout
+    assert "cache_dtypes" in proc.stdout and "open10g" in proc.stdout

@@ -1,16 +1,21 @@
-"""The benchmark suite behind ``tools/bench_suite.py``: one module per group of scenarios.
+"""The benchmark suite behind tools/bench_suite.py.
 
-- ``common``: statistics, the interleaving harness, result "cases", peers' servers and
-  files (Redis, LMDB, h5py), page-cache helpers, machine description.
-- ``read_scenarios``: S1 hot gather, S2 larger than memory, S8 dynamic keys.
-- ``io_scenarios``: S3 TensorFlow (delegated to tools/bench_tf.py), S4 durable
-  write-back, S7 bulk import/export.
-- ``serving_scenarios``: S5 open + first batch (cold), S6 memory of N serving processes.
-- ``children``: the small programs run in child processes (cgroup-limited lookups,
-  cold opens, serving processes, a TensorFlow worker).
-- ``report``: the markdown tables, the plots and docs/BENCHMARKS.md; ``paragraphs``: the
-  text of each scenario's section, filled from the measured figures.
+- ``scenarios/``: one module per scenario (what it measures, its contenders, its prose).
+- ``cases``: rates, interleaved repeats, and the case (figures and ratios) every result is.
+- ``peers``: LMDB, Redis and h5py as contenders; ``host``: page cache, disk, tables, machine.
+- ``introspect``: the one place that reads embstore internals.
+- ``procs``: the child programs scenarios start (tools/bench_suite.py runs each scenario
+  in a child process of its own).
+- ``fmt``: figures as text; ``report``: results.md, plots and docs/BENCHMARKS.md.
 
-Nothing here imports TensorFlow at module level: only the scenarios that measure it do,
-in their own child process.
+Nothing imports TensorFlow at module level: only the scenarios that measure it do, in
+their own child process. The harness measures this checkout: its embstore and
+native_bench come first on sys.path.
 """
+
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)

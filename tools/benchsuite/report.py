@@ -1,8 +1,10 @@
-"""Results -> markdown tables, PNG plots and docs/BENCHMARKS.md.
+"""Results -> results.md, one PNG plot per scenario and docs/BENCHMARKS.md.
 
-Every sentence with a figure in it is filled from the results: the paragraphs are
-templates whose numbers, and whose verdicts ("close to the ceiling", "slower than"), come
-from the measured medians and ratios of the run being reported.
+Every figure on the page comes from the results: the tables and plots from the cases,
+the details from what each scenario recorded beside them, the verdicts from the ratios.
+The prose of a section comes from scenarios/about.md, a template filled from the run's
+notes: it says how the scenario measures and why the contenders differ, never a number
+that was not measured.
 """
 
 from __future__ import annotations
@@ -12,107 +14,21 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-CEILING_KEYS = ("c_gather", "cold_", "seqio_", "fsync_ceiling", "ideal")
+from benchsuite.fmt import Case, fmt, fmt_stat, fx, is_ceiling, med, pct, ratio, rstat, short
+
 MAX_PNG = 200 * 1024
+ABOUT = Path(__file__).parent / "scenarios" / "about.md"
+Results = dict[str, Any]
+# the unit of a recorded figure, by how its key ends (first match wins)
+UNITS = (("_rate", "%"), ("_fill", "%"), ("_ms_per_step", "ms"), ("_ms", "ms"), ("_per_s", "/s"),
+         ("_us", "us"), ("_s", "s"))
 
 
-# --- numbers -----------------------------------------------------------------------------
+def _md(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
 
 
-def _scale(v: float, unit: str) -> tuple[float, str]:
-    """(divisor, suffix) that prints ``v`` readably in ``unit``."""
-    a = abs(v)
-    if unit in ("rows/s", "keys/s"):
-        for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-            if a >= div:
-                return div, f"{suf} {unit}"
-        return 1, unit
-    if unit == "s":
-        if a >= 1:
-            return 1, "s"
-        if a >= 1e-3:
-            return 1e-3, "ms"
-        return 1e-6, "µs"
-    if unit == "us":
-        return (1e3, "ms") if a >= 1e3 else (1, "µs")
-    if unit == "bytes":
-        for div, suf in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-            if a >= div:
-                return div, suf
-        return 1, "B"
-    return 1, unit
-
-
-def _num(x: float) -> str:
-    if x == 0:
-        return "0"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.3g}"
-
-
-def fmt(v: float | None, unit: str) -> str:
-    if v is None:
-        return "n/a"
-    div, suf = _scale(v, unit)
-    return f"{_num(v / div)} {suf}"
-
-
-def fmt_stat(s: dict[str, Any], unit: str) -> str:
-    div, suf = _scale(s["median"], unit)
-    return f"{_num(s['median'] / div)} {suf} ({_num(s['min'] / div)}–{_num(s['max'] / div)})"
-
-
-def fx(r: float | None) -> str:
-    if r is None:
-        return "n/a"
-    if r >= 10:
-        return f"{r:,.0f}x"
-    if r >= 0.1:
-        return f"{r:.2f}x"
-    return f"{r:.2g}x"
-
-
-def fx_stat(s: dict[str, Any]) -> str:
-    return f"{fx(s['median'])} ({fx(s['min'])}–{fx(s['max'])})"
-
-
-def pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-# --- access ------------------------------------------------------------------------------
-
-
-def med(case: dict[str, Any] | None, name: str) -> float | None:
-    c = (case or {}).get("contenders", {}).get(name)
-    return c["median"] if c and "median" in c else None
-
-
-def ratio(case: dict[str, Any] | None, ours: str, peer: str) -> float | None:
-    r = (case or {}).get("ratios", {}).get(f"{ours}/{peer}")
-    return r["median"] if r else None
-
-
-def rstat(case: dict[str, Any] | None, ours: str, peer: str) -> str:
-    r = (case or {}).get("ratios", {}).get(f"{ours}/{peer}")
-    return fx_stat(r) if r else "n/a"
-
-
-def val(case: dict[str, Any] | None, name: str) -> str:
-    c = (case or {}).get("contenders", {}).get(name)
-    if not c:
-        return "n/a"
-    if "median" not in c:
-        return f"not measured ({c.get('skipped', 'no figure')})"
-    return fmt_stat(c, case["unit"])  # type: ignore[index]
-
-
-def is_ceiling(name: str) -> bool:
-    return name.startswith(CEILING_KEYS)
-
-
-def best_peer(case: dict[str, Any]) -> tuple[str, float] | None:
+def best_peer(case: Case) -> tuple[str, float] | None:
     peers = [(k, c["median"]) for k, c in case["contenders"].items()
              if "median" in c and not k.startswith("embstore") and not is_ceiling(k)]
     if not peers:
@@ -120,24 +36,22 @@ def best_peer(case: dict[str, Any]) -> tuple[str, float] | None:
     return (max if case["higher_is_better"] else min)(peers, key=lambda kv: kv[1])
 
 
-# --- markdown tables ------------------------------------------------------------------------
-
-
-def case_table(case: dict[str, Any], repeats: int | None = None) -> str:
+def case_table(case: Case, repeats: int | None = None) -> str:
     ours = case["ours"]
-    direction = "higher" if case["higher_is_better"] else "lower"
-    head = f"**{case['title']}** ({case['unit']}, {direction} is better"
+    head = (f"**{case['title']}** ({case['unit']}, "
+            f"{'higher' if case['higher_is_better'] else 'lower'} is better")
     head += f"; median of {repeats} interleaved repeats (min–max))" if repeats else ")"
-    cols = [f"{'embstore' if len(ours) == 1 else _col(o)} ÷ this" for o in ours]
+    cols = [("embstore" if len(ours) == 1 else
+             "embstore " + o.removeprefix("embstore_").replace("_", " ")) + " ÷ this"
+            for o in ours]
     lines = [head, "", "| contender | median (min–max) | " + " | ".join(cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for name, c in case["contenders"].items():
         label = c["label"] + (" **[ceiling]**" if name == case.get("ceiling") and
                               "ceiling" not in c["label"] else "")
-        if name in ours:
-            label = f"**{label}**"
+        label = f"**{label}**" if name in ours else label
         if "median" in c:
-            cells = ["—" if name == o or name in ours else rstat(case, o, name) for o in ours]
+            cells = ["—" if name in ours else rstat(case, o, name) for o in ours]
             lines.append(f"| {label} | {fmt_stat(c, case['unit'])} | " + " | ".join(cells) + " |")
         else:
             lines.append(f"| {label} | not measured: {_md(c.get('skipped', '?'))} | "
@@ -145,43 +59,26 @@ def case_table(case: dict[str, Any], repeats: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _col(name: str) -> str:
-    """A column heading for one of several embstore contenders: its key, readable."""
-    return "embstore " + name.removeprefix("embstore_").replace("_", " ")
-
-
-def _short(case: dict[str, Any], name: str) -> str:
-    return case["contenders"][name]["label"].replace("embstore", "").strip(" ,") or name
-
-
-def _md(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
-def summary_table(results: dict[str, Any]) -> str:
+def summary_table(results: Results) -> str:
     lines = ["| scenario | case | embstore | ÷ ceiling | ÷ best peer (which) |",
              "|---|---|---|---|---|"]
     for sid, sc in results["scenarios"].items():
         if sc["status"] != "ok" or not sc.get("cases"):
-            lines.append(f"| {sid} {sc['title']} | {sc['status']} | {_md(sc.get('reason', ''))} | | |")
+            lines.append(f"| {sid} {sc['title']} | {sc['status']} | "
+                         f"{_md(sc.get('reason', ''))} | | |")
             continue
-        for case in sc["cases"]:
-            if not case["ours"]:
-                continue
-            o = case["ours"][0]
-            ceil = case.get("ceiling")
-            bp = best_peer(case)
+        for case in (c for c in sc["cases"] if c["ours"]):
+            o, ceil, bp = case["ours"][0], case.get("ceiling"), best_peer(case)
+            which = f" ({short(case, o).strip('()')})" if len(case["ours"]) > 1 else ""
             lines.append(
-                f"| {sid} | {case['title']}"
-                + (f" ({_short(case, o).strip('()')})" if len(case["ours"]) > 1 else "")
-                + f" | {fmt(med(case, o), case['unit'])} | "
+                f"| {sid} | {case['title']}{which} | {fmt(med(case, o), case['unit'])} | "
                 + (rstat(case, o, ceil) if ceil else "—") + " | "
                 + (f"{rstat(case, o, bp[0])} ({case['contenders'][bp[0]]['label']})" if bp else "—")
                 + " |")
     return "\n".join(lines)
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: Results) -> str:
     """results.md: the summary, then every case's table."""
     rep = results["config"]["repeats"]
     out = [f"# embstore benchmark results ({'quick' if results['quick'] else 'full'} run)", "",
@@ -195,10 +92,35 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-# --- plots -----------------------------------------------------------------------------------
+def weak_spots(results: Results) -> list[str]:
+    """Every case where a peer beat embstore by more than 5% (within 5% is a tie on this
+    machine), or embstore reached less than half its ceiling."""
+    out = []
+    for sid, sc in results["scenarios"].items():
+        for case in sc.get("cases", []):
+            hib, unit = case["higher_is_better"], case["unit"]
+            for o in case["ours"]:
+                who = short(case, o) if len(case["ours"]) > 1 else "embstore"
+                for p, c in case["contenders"].items():
+                    r = ratio(case, o, p)
+                    if r is None or p in case["ours"] or p.startswith("embstore"):
+                        continue
+                    if is_ceiling(p):
+                        if hib and r < 0.5:
+                            out.append(f"{sid} {case['title']}: {who} reached {fx(r)} of the "
+                                       f"ceiling ({c['label']}).")
+                        elif not hib and r > 2:
+                            out.append(f"{sid} {case['title']}: {who} took {fx(r)} the "
+                                       f"ceiling's {unit} ({c['label']}).")
+                    elif (r < 0.95 if hib else r > 1.05):
+                        out.append(f"{sid} {case['title']}: {c['label']} beat "
+                                   f"{case['contenders'][o]['label']} ({fmt(c['median'], unit)} "
+                                   f"vs {fmt(med(case, o), unit)}; ratio {rstat(case, o, p)}).")
+    return out
 
 
-def plot_scenario(sid: str, sc: dict[str, Any], path: Path) -> bool:
+def plot_scenario(sc: dict[str, Any], path: Path) -> bool:
+    """One horizontal bar chart per case (median, min-max whiskers), ours in blue."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,16 +133,15 @@ def plot_scenario(sid: str, sc: dict[str, Any], path: Path) -> bool:
                              gridspec_kw={"height_ratios": heights})
     for ax, case in zip(axes[:, 0], cases):
         items = [(k, c) for k, c in case["contenders"].items() if "median" in c]
-        names = [textwrap.fill(c["label"], 42) for _, c in items]
         meds = [c["median"] for _, c in items]
-        lo = [c["median"] - c["min"] for _, c in items]
-        hi = [c["max"] - c["median"] for _, c in items]
         colors = ["#1f77b4" if k in case["ours"] else "#8fbce6" if k.startswith("embstore")
                   else "#9e9e9e" if is_ceiling(k) else "#ff7f0e" for k, _ in items]
         y = list(range(len(items)))[::-1]
-        ax.barh(y, meds, xerr=[lo, hi], color=colors, error_kw={"elinewidth": 0.8, "capsize": 2})
+        ax.barh(y, meds, color=colors, error_kw={"elinewidth": 0.8, "capsize": 2},
+                xerr=[[c["median"] - c["min"] for _, c in items],
+                      [c["max"] - c["median"] for _, c in items]])
         ax.set_yticks(y)
-        ax.set_yticklabels(names, fontsize=7)
+        ax.set_yticklabels([textwrap.fill(c["label"], 42) for _, c in items], fontsize=7)
         positive = [m for m in meds if m > 0]
         if positive and max(positive) / min(positive) > 30:
             ax.set_xscale("log")
@@ -240,65 +161,34 @@ def plot_scenario(sid: str, sc: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _slug(sid: str, title: str) -> str:
-    return f"{sid.lower()}_" + re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
-
-
-# --- BENCHMARKS.md ---------------------------------------------------------------------------
-
-
-def machine_lines(results: dict[str, Any]) -> list[str]:
+def machine_lines(results: Results) -> list[str]:
     m = results["machine"]
     disk = (f"{m.get('disk_device')} ({m.get('fs_type')}, {m.get('disk_size', 0) / 1e9:.0f} GB, "
             f"read_ahead_kb {m.get('read_ahead_kb')}"
             + (", reported rotational" if m.get("disk_rotational") else "") + ")")
-    v = m.get("versions", {})
+    loads = [", ".join(f"{x:.2f}" for x in m.get(k, [])) for k in ("loadavg_start", "loadavg_end")]
     return [
         f"- CPU: {m.get('nproc')} cores, {m.get('cpu')} ({m.get('machine')})",
         f"- RAM: {m.get('mem_total', 0) / 2**30:.1f} GiB",
         f"- Disk: {disk}",
         f"- Kernel: Linux {m.get('kernel')}; Python {m.get('python')}, numpy {m.get('numpy')}, "
-        + ", ".join(f"{k} {x}" for k, x in v.items()),
-        f"- Load average at start: {', '.join(f'{x:.2f}' for x in m.get('loadavg_start', []))}; "
-        f"at end: {', '.join(f'{x:.2f}' for x in m.get('loadavg_end', []))}",
+        + ", ".join(f"{k} {x}" for k, x in m.get("versions", {}).items()),
+        f"- Load average at start: {loads[0]}; at end: {loads[1]}",
     ]
 
 
-def write_all(results: dict[str, Any], out: Path, docs: Path | None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown(results) + "\n")
-    if docs is None:
-        return
-    img = docs / "img"
-    img.mkdir(parents=True, exist_ok=True)
-    plots: dict[str, str] = {}
-    for sid, sc in results["scenarios"].items():
-        name = _slug(sid, sc["title"]) + ".png"
-        if sc["status"] == "ok" and plot_scenario(sid, sc, img / name):
-            plots[sid] = f"img/{name}"
-    (docs / "BENCHMARKS.md").write_text(benchmarks_md(results, plots))
-
-
-def benchmarks_md(results: dict[str, Any], plots: dict[str, str]) -> str:
-    from benchsuite.paragraphs import PARAGRAPHS
-    cfg = results["config"]
-    rep = cfg["repeats"]
+def benchmarks_md(results: Results, plots: dict[str, str]) -> str:
+    rep = results["config"]["repeats"]
+    kind = ("quick smoke run: small tables, not for quoting" if results["quick"] else "full run")
+    parts = re.split(r"^## (\S+)\n", ABOUT.read_text(), flags=re.M)[1:]  # "## NAME", text
+    about = {name: " ".join(text.split()) for name, text in zip(parts[::2], parts[1::2])}
     out = [
         "# embstore benchmarks", "",
-        "<!-- Generated by tools/bench_suite.py from its results.json: do not edit by hand. -->", "",
+        "<!-- Generated by tools/bench_suite.py from its results.json: do not edit by hand. -->",
+        "",
         f"Run: `{results['command']}` — {results['started']} to {results.get('finished', '?')} "
-        f"({results.get('total_s', 0) / 60:.1f} min, {'quick smoke run: small tables, not for quoting' if results['quick'] else 'full run'}).",
-        "", "Machine:", "", *machine_lines(results), "",
-        "How to read the figures: every figure is the median of "
-        f"{rep} repeats, with the lowest and highest repeat in brackets. Contenders take "
-        "turns within each round (repeat 1 of every contender, then repeat 2, ...), so a "
-        "slow patch of the machine hits all of them, and every ratio is computed repeat by "
-        "repeat before taking its median: compare ratios, not absolute figures, across runs "
-        "(the reference VM moves the same code up to 2x between runs). \"embstore ÷ this\" "
-        "is embstore's figure divided by the contender's in the unit of the case: above 1 "
-        "means embstore is higher (better for rows/s and GB/s, worse for seconds and bytes). "
-        "Ceilings come from the C programs in native_bench/ (see native_bench/README.md) run "
-        "in the same rounds.", "",
+        f"({results.get('total_s', 0) / 60:.1f} min, {kind}).",
+        "", "Machine:", "", *machine_lines(results), "", about["intro"].format(repeats=rep), "",
         "Regenerate with the command above (and `--from-json bench_out/results.json` to "
         "redo only this page and the plots).", "",
         "## Summary", "", summary_table(results), "",
@@ -313,44 +203,75 @@ def benchmarks_md(results: dict[str, Any], plots: dict[str, str]) -> str:
         out += [f"## {sid}. {sc['title']}", ""]
         if sc["status"] != "ok":
             out += [f"**{sc['status']}**: {sc.get('reason', '')}", ""]
-            if sid == "S3":
-                out += [*PARAGRAPHS["S3"](sc, results), ""]
             continue
-        try:
-            out += [p for p in PARAGRAPHS[sid](sc, results) if p] if sid in PARAGRAPHS else []
-        except Exception as exc:  # a template bug must not lose the tables
-            out += [f"(paragraph could not be generated: {type(exc).__name__}: {exc})"]
-        out += [""]
+        if sid in about:
+            out += [about[sid].format_map(_Values({**results["config"], **sc.get("notes", {})})),
+                    ""]
         if sid in plots:
             out += [f"![{sid} {sc['title']}]({plots[sid]})", ""]
         for case in sc.get("cases", []):
             out += [case_table(case, rep), ""]
+        out += details(sc)
+        load = [sc.get(k, [0])[0] for k in ("loadavg_start", "loadavg_end")]
         out += [f"Scenario time: {sc.get('elapsed_s', 0):.0f} s; load average "
-                f"{sc.get('loadavg_start', [0])[0]:.2f} -> {sc.get('loadavg_end', [0])[0]:.2f}.", ""]
+                f"{load[0]:.2f} -> {load[1]:.2f}.", ""]
     return "\n".join(out)
 
 
-def weak_spots(results: dict[str, Any]) -> list[str]:
-    out = []
+class _Unknown:
+    def __format__(self, spec: str) -> str:
+        return "?"
+
+
+class _Values(dict):
+    """A template's values; a key that an older results.json lacks reads as '?'."""
+
+    def __missing__(self, key: str) -> _Unknown:
+        return _Unknown()
+
+
+def _show(x: float, unit: str) -> str:
+    if unit == "%":
+        return pct(x)
+    if unit == "ms":
+        return fmt(x / 1e3, "s")
+    return fmt(x, unit) if unit else f"{x:,}" if isinstance(x, int) else f"{x:.4g}"
+
+
+def _figures(path: list[str], v: Any) -> list[str]:
+    """'key figure' for every number under ``v`` (a stats dict as median (min–max)), in
+    the unit its innermost key that names one ends with (``ready_s``, ``fsync_us``...)."""
+    unit = next((u for part in reversed(path) for end, u in UNITS if part.endswith(end)), "")
+    unit = "bytes" if any("bytes" in p or p.endswith("memory") for p in path) else unit
+    if isinstance(v, dict) and "median" in v:
+        return [f"{' '.join(path)} {_show(v['median'], unit)} "
+                f"({_show(v['min'], unit)}–{_show(v['max'], unit)})"]
+    if isinstance(v, dict):
+        return [f for k, x in v.items() for f in _figures([*path, k], x)]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [f"{' '.join(path)} {_show(v, unit)}"]
+    return []
+
+
+def details(sc: dict[str, Any]) -> list[str]:
+    """Every figure a scenario recorded beside its tables: a bullet for its notes and one
+    per case."""
+    groups = [("Run", sc.get("notes", {}))]
+    groups += [(c["title"], c["extra"]) for c in sc.get("cases", [])]
+    lines = [f"- {where}: " + "; ".join(figs) for where, v in groups if (figs := _figures([], v))]
+    return ["Details:", "", *lines, ""] if lines else []
+
+
+def write_all(results: Results, out: Path, docs: Path | None) -> None:
+    """results.md in ``out``; the plots and BENCHMARKS.md in ``docs`` unless it is None."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown(results) + "\n")
+    if docs is None:
+        return
+    (docs / "img").mkdir(parents=True, exist_ok=True)
+    plots: dict[str, str] = {}
     for sid, sc in results["scenarios"].items():
-        for case in sc.get("cases", []):
-            for o in case["ours"]:
-                for p, c in case["contenders"].items():
-                    r = ratio(case, o, p)
-                    if r is None or p in case["ours"] or p.startswith("embstore"):
-                        continue
-                    # within 5% is a tie on this machine, not a loss
-                    worse = r < 0.95 if case["higher_is_better"] else r > 1.05
-                    if is_ceiling(p):
-                        if case["higher_is_better"] and r < 0.5:
-                            out.append(f"{sid} {case['title']}: {_short(case, o) if len(case['ours']) > 1 else 'embstore'} "
-                                       f"reached {fx(r)} of the ceiling ({c['label']}).")
-                        elif not case["higher_is_better"] and r > 2:
-                            out.append(f"{sid} {case['title']}: {_short(case, o) if len(case['ours']) > 1 else 'embstore'} "
-                                       f"took {fx(r)} the ceiling's {case['unit']} ({c['label']}).")
-                    elif worse:
-                        out.append(f"{sid} {case['title']}: {c['label']} beat "
-                                   f"{case['contenders'][o]['label']} "
-                                   f"({fmt(c['median'], case['unit'])} vs {fmt(med(case, o), case['unit'])}; "
-                                   f"ratio {rstat(case, o, p)}).")
-    return out
+        name = f"{sid.lower()}_" + re.sub(r"[^a-z0-9]+", "_", sc["title"].lower()).strip("_")
+        if sc["status"] == "ok" and plot_scenario(sc, docs / "img" / f"{name}.png"):
+            plots[sid] = f"img/{name}.png"
+    (docs / "BENCHMARKS.md").write_text(benchmarks_md(results, plots))
