@@ -116,8 +116,10 @@ class Table:
         """Resize (and empty) the hot-row cache; 0 turns it off."""
         if cache_bytes < 0:
             raise InvalidArgumentError(f"cache_bytes must be >= 0, got {cache_bytes}")
-        rows = int(cache_bytes) // (4 * self.meta.dim + CACHE_ROW_OVERHEAD)
-        self.cache = _rows.RowCache(min(rows, 1 << 30), self.meta.dim) if rows else None
+        # rows are cached in their storage encoding (stride bytes), decoded on copy-out
+        rows = int(cache_bytes) // (self.meta.stride + CACHE_ROW_OVERHEAD)
+        self.cache = _rows.RowCache(min(rows, 1 << 30), self.meta.dim, self.meta.stride) \
+            if rows else None
         self._cache_bytes = int(cache_bytes)
 
     def stats(self) -> dict[str, Any]:

@@ -309,14 +309,20 @@ typedef struct {
     int32_t prev, next;
 } Slot;
 
+/* Rows are kept in their storage encoding (stride bytes: 2 per value for float16 and
+ * bfloat16, 1 per value plus a 4-byte scale for int8) and decoded on copy-out, as the
+ * mapping's are: a budget holds 2-4x the rows of decoded float32, and a hit touches the
+ * same bytes of row as a read from the mapping (decoded rows made bfloat16 and int8 hits
+ * slower than cache-off reads with uniform ids: twice the cache lines). */
 typedef struct {
     PyObject_HEAD
     int dim;
+    int stride;                         /* bytes per cached row: the source's row stride */
     int32_t capacity, used, head, tail; /* head = most recently used */
     uint64_t hmask, clock, window;
     uint64_t *hash; /* 0 = empty, else (tag << 32) | (slot + 1) */
     Slot *slots;
-    float *rows;
+    char *rows;
     uint64_t hits, misses, evictions, invalidations;
     uint64_t tickets; /* source of odd pending tickets */
     int misses_wait;  /* recent misses waited for the disk: request their pages up front */
@@ -421,11 +427,20 @@ static void cache_reset(RowCache *c) {
 }
 
 static int RowCache_init(RowCache *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"capacity_rows", "dim", NULL};
+    static char *kwlist[] = {"capacity_rows", "dim", "stride", NULL};
     int capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii", kwlist, &capacity, &self->dim)) return -1;
-    if (capacity < 1 || capacity > (1 << 30) || self->dim < 1) {
-        PyErr_SetString(PyExc_ValueError, "capacity_rows must be in [1, 2**30] and dim >= 1");
+    self->stride = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii|i", kwlist, &capacity, &self->dim,
+                                     &self->stride))
+        return -1;
+    if (capacity < 1 || capacity > (1 << 30) || self->dim < 1 || self->dim > (1 << 16)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "capacity_rows must be in [1, 2**30] and dim in [1, 65536]");
+        return -1;
+    }
+    if (!self->stride) self->stride = 4 * self->dim; /* float32 rows */
+    if (self->stride < 1 || self->stride > 4 * self->dim + 64) {
+        PyErr_SetString(PyExc_ValueError, "stride must be in [1, 4 * dim + 64]");
         return -1;
     }
     uint64_t hsize = 2;
@@ -435,7 +450,7 @@ static int RowCache_init(RowCache *self, PyObject *args, PyObject *kw) {
     self->window = capacity >= 16 ? (uint64_t)capacity / 2 : 0;
     self->hash = big_alloc(sizeof(uint64_t) * hsize);
     self->slots = big_alloc(sizeof(Slot) * (size_t)capacity);
-    self->rows = big_alloc(sizeof(float) * (size_t)capacity * self->dim);
+    self->rows = big_alloc((size_t)capacity * (size_t)self->stride);
     if (!self->hash || !self->slots || !self->rows) {
         PyErr_NoMemory();
         return -1;
@@ -449,7 +464,7 @@ static void RowCache_dealloc(RowCache *self) {
     if (self->hash) pthread_mutex_destroy(&self->lock);
     big_free(self->hash, sizeof(uint64_t) * (self->hmask + 1));
     big_free(self->slots, sizeof(Slot) * (size_t)self->capacity);
-    big_free(self->rows, sizeof(float) * (size_t)self->capacity * self->dim);
+    big_free(self->rows, (size_t)self->capacity * (size_t)self->stride);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -543,20 +558,23 @@ static Py_ssize_t read_deferred(RowCache *c, const es_view *v, Deferred *later, 
     return n;
 }
 
-/* Fill the pending slots of `later` that still hold their ticket with the rows read into
- * out; a slot whose row was not read (k >= read: a torn row stopped the batch) is dropped.
- * A slot evicted, invalidated or taken by another miss meanwhile is left alone. */
-static void fill_pending(RowCache *c, const Deferred *later, Py_ssize_t n, Py_ssize_t read,
-                         const float *out) {
-    size_t rowbytes = sizeof(float) * (size_t)c->dim;
+/* Fill the pending slots of `later` that still hold their ticket with their rows' encoded
+ * bytes, copied from the mapping (the pages were just read) under the counter value the
+ * decoded row was read under: a writer that changed the chunk since makes the copy
+ * differ from what the caller got, so the slot is dropped instead. A slot whose row was
+ * not read (k >= read: a torn row stopped the batch) is dropped. A slot evicted,
+ * invalidated or taken by another miss meanwhile is left alone. */
+static void fill_pending(RowCache *c, const es_view *v, const Deferred *later, Py_ssize_t n,
+                         Py_ssize_t read) {
+    size_t rowbytes = (size_t)c->stride;
     pthread_mutex_lock(&c->lock);
     for (Py_ssize_t k = 0; k < n; k++) {
         const Deferred *d = &later[k];
         if (d->slot < 0) continue;
         Slot *e = &c->slots[d->slot];
         if (e->row != d->row || e->seq != d->ticket) continue;
-        if (k < read) {
-            memcpy(c->rows + (size_t)d->slot * c->dim, out + (size_t)d->index * c->dim, rowbytes);
+        char *dst = c->rows + (size_t)d->slot * rowbytes;
+        if (k < read && es_copy_raw_under(v, d->row, d->seq, dst)) {
             e->seq = d->seq;
         } else {
             uint64_t pos;
@@ -572,8 +590,8 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
     RowSource *src;
     PyObject *ids_obj, *out_obj;
     if (!PyArg_ParseTuple(args, "O!OO", &RowSourceType, &src, &ids_obj, &out_obj)) return NULL;
-    if (src->dim != self->dim) {
-        PyErr_SetString(PyExc_ValueError, "cache dim does not match the source");
+    if (src->dim != self->dim || src->stride != self->stride) {
+        PyErr_SetString(PyExc_ValueError, "cache dim or stride does not match the source");
         return NULL;
     }
     Py_buffer ids, out;
@@ -584,7 +602,7 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t result;
-    size_t rowbytes = sizeof(float) * (size_t)self->dim;
+    size_t rowbytes = (size_t)self->stride;
     Py_BEGIN_ALLOW_THREADS
     result = first_bad(&ids, n, src->num_rows);
     if (result < 0) {
@@ -609,7 +627,7 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
                 cand[b & (PIPE_RING - 1)] = s;
                 if (s >= 0) {
                     __builtin_prefetch(&self->slots[s]);
-                    es_prefetch_bytes(self->rows + (size_t)s * self->dim, rowbytes);
+                    es_prefetch_bytes(self->rows + (size_t)s * rowbytes, rowbytes);
                 }
             }
             if (i < 0) continue;
@@ -626,7 +644,7 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
                     if (pending)
                         later[nlater++] = (Deferred){i, row, -1, 0, 0};
                     else
-                        memcpy(dst, self->rows + (size_t)s * self->dim, rowbytes);
+                        es_decode_row(&v, self->rows + (size_t)s * rowbytes, dst);
                     if (self->clock - e->stamp > self->window && self->head != s) {
                         lru_unlink(self, s);
                         lru_push_front(self, s);
@@ -651,9 +669,10 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
         }
         if (result == -1) pthread_mutex_unlock(&self->lock);
         /* the rows of misses, read with no lock held */
+        /* the rows of misses, read with no lock held */
         Py_ssize_t read = read_deferred(self, &v, later, nlater, (float *)out.buf);
         if (read < nlater) result = RC_TORN;
-        if (nlater) fill_pending(self, later, nlater, read, (const float *)out.buf);
+        if (nlater) fill_pending(self, &v, later, nlater, read);
         if (later != stack_later) PyMem_RawFree(later);
     }
     Py_END_ALLOW_THREADS

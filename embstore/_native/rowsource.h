@@ -162,6 +162,17 @@ static inline uint64_t es_read_row(const es_view *v, int64_t row, float *dst) {
     return ES_TORN;
 }
 
+/* Copy one row's encoded bytes (stride of them) into raw if its chunk counter still
+ * reads `seq`, the even value an earlier read of the row returned: then the bytes are
+ * those that read decoded. Returns 1 if copied, 0 if a writer changed the chunk since. */
+static inline int es_copy_raw_under(const es_view *v, int64_t row, uint64_t seq, char *raw) {
+    uint64_t *sp = es_seq_ptr(v, row);
+    if (__atomic_load_n(sp, __ATOMIC_ACQUIRE) != seq) return 0;
+    memcpy(raw, es_row_ptr(v, row), (size_t)v->stride);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return __atomic_load_n(sp, __ATOMIC_RELAXED) == seq;
+}
+
 /* Rows for ids[0..n) (already range-checked) into out, n * dim floats; ids are int64
  * if id64, else int32 (a constant after inlining: one copy of the loop per width).
  * Returns 0, or -1 if a row stayed torn. */
