@@ -38,5 +38,5 @@ def test_gather_of_an_empty_list_returns_no_rows(tmp_path):
 def test_small_rows_per_shard_needs_no_chunk_rows(tmp_path):
     with embstore.create(tmp_path / "s") as store:
         t = store.create_table("t", 2, rows_per_shard=4, data=np.arange(20, dtype=np.float32).reshape(10, 2))
-        assert t.meta.chunk_rows == 4 and t.meta.num_shards == 3
+        assert t._meta.chunk_rows == 4 and t._meta.num_shards == 3
         np.testing.assert_array_equal(t.gather([9, 0]), [[18, 19], [0, 1]])

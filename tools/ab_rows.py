@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import embstore  # noqa: E402
-from embstore.dtypes import DTYPE_CODES  # noqa: E402
+from embstore.format import DTYPE_CODES  # noqa: E402
 from native_bench.run import make_ids  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(2.16 = what bench_core's budget buys for 64-wide rows)")
     args = p.parse_args(argv)
     table = embstore.open(args.store).table(args.dtype, cache_bytes=0)  # warm() needs it off
-    meta = table.meta
+    meta = table._meta
     out = np.empty((BATCH, meta.dim), np.float32)
     builds = []
     for path in (args.a, args.b):
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         source = module.RowSource(DTYPE_CODES[meta.dtype], meta.dim, meta.stride,
                                   meta.rows_per_shard.bit_length() - 1,
                                   meta.chunk_rows.bit_length() - 1)
-        for index, mapping in enumerate(table.shards.maps):
+        for index, mapping in enumerate(table._shards.maps):
             source.add_shard(mapping, 4096, meta.shard_header(index).data_offset)
         source.set_num_rows(meta.num_rows)
         builds.append((module, source))

@@ -93,7 +93,8 @@ def warm(table: embstore.Table) -> None:
 
 
 def shard_geometry(table: embstore.Table) -> tuple[Path, int]:
-    return table.dir / "shard-000000.emb", table.meta.shard_header(0).data_offset
+    path, data_offset, _rows = table.shard_files()[0]
+    return path, data_offset
 
 
 # --- scenarios ------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def bench_hot(store: embstore.Store, rows: int, repeats: int, ids: dict[str, np.
               ) -> dict[str, Any]:
     table = store.table("float32", cache_bytes=0)
     path, offset = shard_geometry(table)
-    if table.meta.rows_per_shard < rows:
+    if table.info()["rows_per_shard"] < rows:
         raise SystemExit("hot scenario needs a single-shard table (raise rows_per_shard)")
     out = np.empty((BATCH, table.dim), np.float32)
     in_ram = np.ascontiguousarray(table.gather_rows(np.arange(rows)))
@@ -115,7 +116,7 @@ def bench_hot(store: embstore.Store, rows: int, repeats: int, ids: dict[str, np.
         for _ in range(repeats):
             warm(table)
             # the ceiling: the C gather at its best measured prefetch distance (16)
-            c = run_gather(path, offset, table.meta.stride, table.meta.rows_per_shard,
+            c = run_gather(path, offset, table.info()["stride"], table.info()["rows_per_shard"],
                            dist_ids, prefetch=16, repeats=1, seconds=0.3,
                            verify=False)["median_rows_per_s"]
             e = timed(lambda b: table.gather(b, out=out), dist_ids)
@@ -195,7 +196,7 @@ def bench_keys(workdir: Path, n_keys: int, dim: int, repeats: int) -> dict[str, 
         res[dist] = {"embstore_lookup_gather": summary(ours), "lmdb_get": summary(peer),
                      "ratio": summary([a / b for a, b in zip(ours, peer)])}
     # the in-memory hash plus the mapped row -> key array (8 B/key) it compares against
-    res["index_bytes_per_key"] = round(table.index.stats()["bytes_per_key"] + 8, 1)
+    res["index_bytes_per_key"] = round(table._index.stats()["bytes_per_key"] + 8, 1)
     store.close()
     env.close()
     return res
@@ -228,7 +229,7 @@ def ltm_child(args: argparse.Namespace) -> int:
     out = np.empty((BATCH, table.dim), np.float32)
     if args.kind == "memmap":
         path, offset = shard_geometry(table)
-        mm = np.memmap(path, np.float32, "r", offset, (table.meta.rows_per_shard, table.dim))
+        mm = np.memmap(path, np.float32, "r", offset, (table.info()["rows_per_shard"], table.dim))
         fn = lambda b: mm[b]  # noqa: E731
     else:
         fn = lambda b: table.gather(b, out=out)  # noqa: E731

@@ -99,7 +99,9 @@ class Timers:
 
 def bench_embstore(args: argparse.Namespace, work: list) -> dict[str, Any]:
     import embstore
-    from embstore import training, writer, wal
+    from embstore import fs as files
+    from embstore.log import appender
+    from embstore.writer import core, optimizer_steps, updates
     from embstore.optim import SGD, SparseOptimizer
     from embstore.table import Table
 
@@ -122,17 +124,17 @@ def bench_embstore(args: argparse.Namespace, work: list) -> dict[str, Any]:
         overall = args.repeats * args.steps * args.batch / (time.perf_counter() - t_all)
         # Where the time goes, over one more repeat.
         timers = Timers()
-        timers.wrap(wal.LogIO, "fdatasync", "log fdatasync")
-        timers.wrap(wal.LogIO, "pwritev", "log write (pwritev)")
-        timers.wrap(wal.WriteAheadLog, "append", "log append (all)")
-        timers.wrap(writer, "encode_record", "encode")
-        timers.wrap(writer.WritePath, "pack", "encode")
-        timers.wrap(training, "encode_rows", "encode")
-        timers.wrap(training, "sum_duplicates", "optimizer: merge duplicate ids")
+        timers.wrap(files.FileSystem, "fdatasync", "log fdatasync")
+        timers.wrap(files.FileSystem, "pwritev", "log write (pwritev)")
+        timers.wrap(appender.WriteAheadLog, "append", "log append (all)")
+        timers.wrap(core, "encode_record", "encode")
+        timers.wrap(core.Writer, "_pack", "encode")
+        timers.wrap(updates, "encode_rows", "encode")
+        timers.wrap(optimizer_steps, "sum_duplicates", "optimizer: merge duplicate ids")
         timers.wrap(SparseOptimizer, "apply", "optimizer: update rule")
         timers.wrap(Table, "gather_rows", "gather")
-        timers.wrap(writer, "apply_entry", "scatter + publish")
-        timers.wrap(writer.WritePath, "maybe_checkpoint", "checkpoint")
+        timers.wrap(core, "apply_entry", "scatter + publish")
+        timers.wrap(core.Writer, "maybe_checkpoint", "checkpoint")
         elapsed = once()
         timers.restore()
         breakdown = {k: v / args.steps * 1e3 for k, v in timers.total.items()}

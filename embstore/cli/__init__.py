@@ -25,6 +25,7 @@ from embstore.cli._common import (
     PROG,
     Formatter,
     UserError,
+    in_cli_words,
 )
 
 __all__ = ["main", "build_parser"]
@@ -114,7 +115,7 @@ def describe(exc: BaseException) -> tuple[str, int]:
     """One line and an exit code for an exception from the library or the OS."""
     from embstore import errors
 
-    text = str(exc) or type(exc).__name__
+    text = in_cli_words(str(exc) or type(exc).__name__)
     if isinstance(exc, errors.FormatError):
         return (f"{text} (the store or file is damaged: run '{PROG} check PATH')",
                 EXIT_DAMAGED)

@@ -12,13 +12,13 @@ functions raise ``MissingExtraError`` naming ``pip install embstore[parquet]``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from embstore.errors import DTypeError, EmbstoreError, FormatError, ShapeError
+from embstore.fs import REAL, FileSystem
 from embstore.progress import Progress
 
 ID_COLUMN = "id"
@@ -135,7 +135,7 @@ def _vectors(col: Any, dim: int, first: int, path: Path) -> np.ndarray:
 def write_parquet(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int,
                   dim: int, progress: bool | Callable[[int, int], None] = False,
                   label: str = "export", id_column: str = ID_COLUMN,
-                  vector_column: str = VECTOR_COLUMN) -> None:
+                  vector_column: str = VECTOR_COLUMN, fs: FileSystem = REAL) -> None:
     """Write (ids, float32 rows) chunks, one row group each; the final name appears only
     when the file is complete and synced."""
     pa, pq = _pyarrow()
@@ -157,12 +157,8 @@ def write_parquet(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], r
                 bar.update(len(vecs))
         if written != rows:
             raise ShapeError(f"exported {written} rows: expected {rows}")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        fs.sync_path(tmp, data_only=False)
+        fs.rename(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        fs.unlink(tmp)
         raise

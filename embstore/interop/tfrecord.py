@@ -34,7 +34,6 @@ MAX_RECORD_BYTES; bytes_list features are skipped.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -42,6 +41,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from embstore.errors import ChecksumError, FormatError, ShapeError, TruncatedFileError
+from embstore.fs import REAL, FileSystem
 from embstore.progress import Progress
 
 MASK_DELTA = 0xA282EAD8
@@ -200,7 +200,8 @@ def _build_columns(head: bytes, prefix: bytes, mid: bytes, rows: np.ndarray, u: 
 
 def write_tfrecord(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int,
                    progress: bool | Callable[[int, int], None] = False, label: str = "export",
-                   id_name: str = ID_FEATURE, vec_name: str = VECTOR_FEATURE) -> None:
+                   id_name: str = ID_FEATURE, vec_name: str = VECTOR_FEATURE,
+                   fs: FileSystem = REAL) -> None:
     """Write (ids, rows) chunks as a TFRecord file; the final name appears only when the
     file is complete and synced."""
     path = Path(path)
@@ -217,10 +218,10 @@ def write_tfrecord(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], 
             if written != rows:
                 raise ShapeError(f"exported {written} rows: expected {rows}")
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            fs.fsync(f.fileno())
+        fs.rename(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        fs.unlink(tmp)
         raise
 
 

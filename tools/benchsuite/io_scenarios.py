@@ -95,7 +95,7 @@ def run_s3(cfg: dict[str, Any]) -> dict[str, Any]:
         if not callable(getattr(module, "main", None)):
             raise NotAvailable("tools/bench_tf.py exposes neither suite() nor main()")
         store, table, shard, offset = open_main(cfg)
-        rows, stride = table.num_rows, table.meta.stride
+        rows, stride = table.num_rows, table.info()["stride"]
         store.close()
         ids = nb.make_ids("zipf", cfg["n_ids"], rows, alpha=1.05, seed=61)
 
@@ -389,7 +389,7 @@ def run_s7(cfg: dict[str, Any]) -> dict[str, Any]:
                     t = st.create_table("t", arr.shape[1], **kw)
                     t.import_npy(paths["npy"])
                     figure = gb / (time.perf_counter() - t0)
-                    shards[hint] = t.meta.num_shards
+                    shards[hint] = t.info()["num_shards"]
                 if not hint:
                     shutil.rmtree(where, ignore_errors=True)
                 return figure

@@ -92,7 +92,7 @@ def run_s1(cfg: dict[str, Any]) -> dict[str, Any]:
     work = scratch(Path(cfg["workdir"]), "s1.")
     skipped: dict[str, str] = {}
     notes: dict[str, Any] = {"rows": rows, "dim": dim, "batch": batch, "alpha": 1.05,
-                             "table_bytes": rows * table.meta.stride}
+                             "table_bytes": rows * table.info()["stride"]}
     try:
         ids = {d: nb.make_ids(d, cfg["n_ids"], rows, alpha=1.05, seed=11 + i)
                for i, d in enumerate(("uniform", "zipf"))}
@@ -138,7 +138,7 @@ def run_s1(cfg: dict[str, Any]) -> dict[str, Any]:
                 kb = key_batches(d_ids, slow_batches, batch)
                 c: dict[str, Callable[[], float]] = {
                     "c_gather": lambda f=d_file: nb.run_gather(
-                        shard, offset, table.meta.stride, rows, f, threads=1, prefetch=16,
+                        shard, offset, table.info()["stride"], rows, f, threads=1, prefetch=16,
                         repeats=1, seconds=min_s, batch=batch, verify=False)["median_rows_per_s"],
                     "embstore": lambda a=d_ids: rate(lambda b: table.gather(b, out=out), a, min_s, batch),
                     "np_take": lambda a=d_ids: rate(
@@ -288,7 +288,7 @@ def run_s2(cfg: dict[str, Any]) -> dict[str, Any]:
     if why:
         raise Skip(why)
     store, table, shard, offset = open_main(cfg)
-    rows, stride, dim = table.num_rows, table.meta.stride, table.dim
+    rows, stride, dim = table.num_rows, table.info()["stride"], table.dim
     store.close()  # nothing here may keep the shard mapped: eviction would not drop it
     table_bytes = rows * stride
     limit = table_bytes // 2
@@ -436,7 +436,7 @@ def run_s8(cfg: dict[str, Any]) -> dict[str, Any]:
         shard, offset = bench_core.shard_geometry(table)
         out = np.empty((batch, 64), np.float32)
         table.gather(keys[:batch], out=out)  # the in-memory hash is built on first lookup
-        index_bytes = table.index.stats().get("bytes_per_key")
+        index_bytes = table._index.stats().get("bytes_per_key")
         with _maybe_redis(work, skipped) as client:
             if client is not None:
                 redis_load(client, keys, values)
@@ -444,7 +444,7 @@ def run_s8(cfg: dict[str, Any]) -> dict[str, Any]:
             for i, dist in enumerate(("uniform", "zipf")):
                 idx = nb.make_ids(dist, cfg["n_ids"], n, alpha=1.05, seed=41 + i)
                 q = keys[idx]
-                row_ids = table.index.lookup(q)
+                row_ids = table.rows_of(q)
                 assert (row_ids >= 0).all()
                 np.testing.assert_array_equal(table.gather(q[:batch]), values[idx[:batch]])
                 ids_file = work / f"rows.{dist}.i64"
@@ -452,7 +452,7 @@ def run_s8(cfg: dict[str, Any]) -> dict[str, Any]:
                 kb = key_batches(q, max(4, len(q) // batch // 4), batch)
                 c = {
                     "c_gather": lambda f=ids_file: nb.run_gather(
-                        shard, offset, table.meta.stride, table.num_rows, f, prefetch=16,
+                        shard, offset, table.info()["stride"], table.num_rows, f, prefetch=16,
                         repeats=1, seconds=min_s, batch=batch, verify=False)["median_rows_per_s"],
                     "embstore": lambda a=q: rate(lambda b: table.gather(b, out=out), a, min_s, batch),
                     "embstore_rows": lambda a=row_ids: rate(

@@ -147,7 +147,7 @@ def _big_files(work: Path, rows: int, dim: int) -> dict[str, Path]:
 def run_s5(cfg: dict[str, Any]) -> dict[str, Any]:
     work = scratch(Path(cfg["workdir"]), "s5.")
     store, table, shard, offset = open_main(cfg)
-    rows, dim, stride = table.num_rows, table.dim, table.meta.stride
+    rows, dim, stride = table.num_rows, table.dim, table.info()["stride"]
     small = {"embstore": Path(cfg["main_store"]), "npy": work / "t.npy", "h5py": work / "t.h5",
              "tf": work / "ckpt" / "v"}
     arr = table_array(table)
@@ -223,7 +223,7 @@ def _s5_case(cfg: dict[str, Any], label: str, rows: int, stride: int, paths: dic
     with embstore.open(paths["embstore"]) as st:  # closed again: eviction needs it unmapped
         t = st["float32"]
         shard0, offset0 = bench_core.shard_geometry(t)
-        shard_rows = min(rows, t.meta.rows_per_shard)
+        shard_rows = min(rows, t.info()["rows_per_shard"])
     cold_ids = nb.make_ids("unique", min(BATCH, shard_rows), shard_rows, seed=52)
     cold: dict[str, float] = {}
 
@@ -340,7 +340,7 @@ def serve_group(kind: str, path: Path, n: int, batch: int) -> dict[str, Any]:
 def run_s6(cfg: dict[str, Any]) -> dict[str, Any]:
     work = scratch(Path(cfg["workdir"]), "s6.")
     store, table, shard, _ = open_main(cfg)
-    table_bytes = table.num_rows * table.meta.stride
+    table_bytes = table.num_rows * table.info()["stride"]
     npy = work / "t.npy"
     np.save(npy, table_array(table))
     store.close()
