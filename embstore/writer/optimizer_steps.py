@@ -20,7 +20,7 @@ from embstore.optim import SparseOptimizer, get_optimizer, sum_duplicates
 from embstore.table import Table
 from embstore.writer.core import Writer
 from embstore.writer.tables import create_slot_table
-from embstore.writer.updates import entries_of, finite_mask, flat_updates, resolve_rows
+from embstore.writer.updates import entries_of, finite_rows, flat_updates, resolve_rows
 
 
 def fill_bits(fill: float) -> np.uint32:
@@ -76,12 +76,8 @@ def apply_gradients(writer: Writer, table: Table, ids: Any, grads: Any, optimize
     """One sparse optimizer step; duplicate ids have their gradients summed."""
     writer.check_usable()
     opt = get_optimizer(optimizer)
-    flat_ids, g = flat_updates(table, ids, grads, "gradients")
-    keep = finite_mask(g, nan, table, "gradients")
-    if keep is not None:
-        flat_ids = [k for k, ok in zip(flat_ids, keep) if ok] if isinstance(flat_ids, list) \
-            else flat_ids[keep]
-        g = g[keep]
+    flat_ids, g = finite_rows(*flat_updates(table, ids, grads, "gradients"), nan, table,
+                              "gradients")
     # A step reads rows, slots and the step counter and writes them back: one step at a
     # time per store, or concurrent steps lose updates and reuse rows for new keys.
     with writer.lock:

@@ -25,23 +25,6 @@ from embstore.writer.core import Writer
 NAN_POLICIES = ("raise", "skip_rows")
 
 
-def fill_bits(fill: float) -> np.uint32:
-    return np.array([fill], np.float32).view(np.uint32)[0]
-
-
-def slot_decode(raw: np.ndarray, fill: float) -> np.ndarray:
-    """Stored slot rows -> values (in place on ``raw``)."""
-    if fill:
-        raw.view(np.uint32)[...] ^= fill_bits(fill)
-    return raw
-
-
-def slot_encode(values: np.ndarray, fill: float) -> np.ndarray:
-    """Slot values -> the uint8 rows a slot shard stores."""
-    bits = values.view(np.uint32) ^ fill_bits(fill) if fill else values.view(np.uint32)
-    return np.ascontiguousarray(bits).view(np.uint8).reshape(len(values), -1)
-
-
 def flat_updates(table: Table, ids: Any, values: Any, what: str
                   ) -> tuple[Any, np.ndarray]:
     """Flatten ids (or keys) of any shape and matching (..., dim) values."""
@@ -77,6 +60,17 @@ def finite_mask(values: np.ndarray, nan: str, table: Table, what: str) -> np.nda
             f"{what} row {bad} holds NaN or Inf; nothing was written to table {table.name!r} "
             "(pass nan='skip_rows' to drop such rows instead)")
     return finite
+
+
+def finite_rows(flat_ids: Any, values: np.ndarray, nan: str, table: Table, what: str
+                ) -> tuple[Any, np.ndarray]:
+    """The ids and rows to write under the ``nan`` policy (all, or the finite rows)."""
+    keep = finite_mask(values, nan, table, what)
+    if keep is None:
+        return flat_ids, values
+    kept = [k for k, ok in zip(flat_ids, keep) if ok] if isinstance(flat_ids, list) \
+        else flat_ids[keep]
+    return kept, values[keep]
 
 
 def resolve_rows(table: Table, ids: Any) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -137,12 +131,8 @@ def entries_of(table: Table, rows: np.ndarray, values: np.ndarray, new: np.ndarr
 def update(writer: Writer, table: Table, ids: Any, values: Any, nan: str = "raise") -> int:
     """Replace rows (keyed tables: insert new keys). Duplicate ids: the last one wins."""
     writer.check_usable()
-    flat_ids, vals = flat_updates(table, ids, values, "rows")
-    keep = finite_mask(vals, nan, table, "rows")
-    if keep is not None:
-        flat_ids = [k for k, ok in zip(flat_ids, keep) if ok] if isinstance(flat_ids, list) \
-            else flat_ids[keep]
-        vals = vals[keep]
+    flat_ids, vals = finite_rows(*flat_updates(table, ids, values, "rows"), nan, table,
+                                 "rows")
     if len(vals) == 0:
         return writer.log.end_lsn
     # Rows for new keys are handed out from num_rows: allocate and commit under the
