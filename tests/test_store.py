@@ -667,3 +667,76 @@ def test_table_that_starts_empty_gets_shards_sized_to_grow(store_factory) -> Non
     # a size hint or a first batch of rows still sizes the shards
     assert store.create_table("e", 64, expected_rows=3000)._meta.rows_per_shard == 4096
     assert store.create_table("r", 64, rows=10)._meta.rows_per_shard == 1024
+
+
+# --- the public face: numpy/h5py-style tables, a mapping of tables -----------------------
+
+
+def test_table_reads_like_an_array(store_factory) -> None:
+    store = store_factory()
+    rows = random_rows(10, 4, seed=3)
+    t = store.create_table("t", 4, dtype="float16", data=rows)
+    assert t.shape == (10, 4) and t.ndim == 2 and len(t) == 10
+    assert t.dtype == np.float32 and t.storage_dtype == "float16"
+    want = roundtrip(rows, "float16")
+    np.testing.assert_array_equal(t[[3, 1]], want[[3, 1]])
+    np.testing.assert_array_equal(t[2:9:3], want[2:9:3])
+    np.testing.assert_array_equal(t[-2:], want[-2:])
+    assert t[4].shape == (4,)
+    assert not hasattr(t, "__array__")  # a 100 GB table must not load whole by accident
+    assert t.info()["rows_per_shard"] >= 10 and t.info()["stride"] == 8
+
+
+def test_store_is_a_mapping_of_tables(store_factory) -> None:
+    store = store_factory()
+    a = store.create_table("a", 2, rows=3)
+    store.create_table("b", 2, rows=1)
+    a.apply_gradients([0], np.ones((1, 2), np.float32), "adagrad")  # slot table a@accumulator
+    assert len(store) == 2 and store.keys() == ["a", "b"] == list(store)
+    assert "a" in store and "a@accumulator" not in store  # in and iteration agree
+    del store["b"]
+    assert store.keys() == ["a"] and "b" not in store
+    with pytest.raises(TableNotFoundError):
+        store["b"]
+
+
+def test_rename_table_moves_it_and_its_slot_tables(store_factory) -> None:
+    store = store_factory()
+    t = store.create_table("old", 2, rows=3)
+    t.apply_gradients([1], np.ones((1, 2), np.float32), "adagrad")
+    before = t.gather([0, 1, 2])
+    store.rename_table("old", "new")
+    assert store.keys() == ["new"]
+    with pytest.raises(StoreClosedError):
+        t.gather([0])  # handles of the old name are closed
+    np.testing.assert_array_equal(store["new"].gather([0, 1, 2]), before)
+    assert store["new"].step == 1
+    store["new"].apply_gradients([1], np.ones((1, 2), np.float32), "adagrad")  # slots moved
+    path = store.path
+    store.close()
+    assert sorted(p.name for p in (path / "tables").iterdir()) == ["new", "new@accumulator"]
+    with embstore.open(path) as reader:
+        assert reader["new"].step == 2 and reader.check() == []
+
+
+def test_a_rename_interrupted_by_a_crash_is_finished_on_open(store_factory) -> None:
+    """The manifest records the rename before any directory moves; a reader finds the
+    table in its old directory meanwhile, and the next writer finishes the move."""
+    from embstore.manifest import Manifest
+    from embstore.fs import REAL
+
+    store = store_factory()
+    store.create_table("old", 2, data=np.ones((3, 2), np.float32))
+    path = store.path
+    store.close()
+    manifest = Manifest(path, REAL)  # as rename_table leaves it after its first step
+    manifest.rename_table("old", "new")
+    manifest.renames = {"new": "old"}
+    manifest.commit()
+    with embstore.open(path) as reader:
+        np.testing.assert_array_equal(reader["new"].gather([2]), [[1.0, 1.0]])
+    with embstore.open(path, "r+") as writer:
+        assert writer.keys() == ["new"]
+    assert sorted(p.name for p in (path / "tables").iterdir()) == ["new"]
+    with embstore.open(path) as reader:
+        assert reader.check() == [] and "renames" not in reader.info()
