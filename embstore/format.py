@@ -189,7 +189,8 @@ LIVE_LSN_OFFSET = 24
 LIVE_SHARDS_OFFSET = 32
 MAX_DIM = 65536  # 256 KiB float32 rows; larger rows are not an embedding table
 MAX_ROWS_PER_SHARD_LOG2 = 40
-TABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(@[A-Za-z0-9_]{1,32})?")
+USER_TABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+TABLE_NAME = re.compile(USER_TABLE_NAME.pattern + r"(@[A-Za-z0-9_]{1,32})?")  # slot tables too
 
 DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3, "int8": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
@@ -221,13 +222,25 @@ def is_power_of_two(n: int) -> bool:
 
 
 def check_table_name(name: str) -> str:
-    """Reject names that could escape the store directory or clash with slot tables."""
+    """Reject names that could escape the store directory or clash with slot tables: the
+    rule every name in a manifest follows (a slot table is ``<table>@<slot>``)."""
     if not isinstance(name, str) or not TABLE_NAME.fullmatch(name):
         raise InvalidArgumentError(
             f"bad table name {name!r}: expected 1-128 characters of [A-Za-z0-9_.-], "
             "not starting with '.' or '-'"
         )
     return name
+
+
+def check_user_table_name(name: str) -> str:
+    """The naming rule for a table a user creates (or renames to): 1-128 characters of
+    [A-Za-z0-9_.-], not starting with '.' or '-'. '@' is reserved for optimizer slot
+    tables: a user table named ``items@v2`` would pass for a slot table of ``items``
+    (hidden from the table list, dropped with ``items``)."""
+    if isinstance(name, str) and "@" in name and TABLE_NAME.fullmatch(name):
+        raise InvalidArgumentError(f"bad table name {name!r}: '@' is reserved for optimizer "
+                                   "slot tables (<table>@<slot>)")
+    return check_table_name(name)
 
 
 # --- shard header ----------------------------------------------------------------------

@@ -29,7 +29,7 @@ from embstore.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from embstore.format import check_table_name, is_power_of_two, row_stride
+from embstore.format import check_user_table_name, is_power_of_two, row_stride
 from embstore.fs import REAL, FileSystem
 from embstore.manifest import (
     MANIFEST,
@@ -233,7 +233,7 @@ class Store:
         uses few, large shard files.
         """
         writer = self._writer_or_raise()
-        check_table_name(name)
+        check_user_table_name(name)
         meta = self._new_meta(name, dim, dtype, rows, data, key_type, missing, init_scale,
                               init_seed, expected_rows, rows_per_shard, chunk_rows)
         table = ddl.create_table(writer, name, meta)
@@ -298,7 +298,7 @@ class Store:
         finishes a rename that a crash interrupted. Handles to the table are closed: take
         ``store[new]`` afterwards."""
         writer = self._writer_or_raise()
-        check_table_name(new)
+        check_user_table_name(new)
         ddl.rename_table(writer, old, new)
 
     # --- maintenance ------------------------------------------------------------------

@@ -40,3 +40,20 @@ def test_small_rows_per_shard_needs_no_chunk_rows(tmp_path):
         t = store.create_table("t", 2, rows_per_shard=4, data=np.arange(20, dtype=np.float32).reshape(10, 2))
         assert t._meta.chunk_rows == 4 and t._meta.num_shards == 3
         np.testing.assert_array_equal(t.gather([9, 0]), [[18, 19], [0, 1]])
+
+
+# --- issue 10: bugs fixed on the way --------------------------------------------------------
+
+
+def test_table_names_with_at_are_refused_at_creation(tmp_path):
+    """"items@v2" was accepted, hidden from table_names and deleted by drop_table("items"):
+    '@' is reserved for optimizer slot tables (docs/FORMAT.md)."""
+    from embstore.errors import InvalidArgumentError
+
+    with embstore.create(tmp_path / "s") as store:
+        store.create_table("items", 4, rows=2)
+        with pytest.raises(InvalidArgumentError, match="'@'"):
+            store.create_table("items@v2", 4, rows=2)
+        store.create_table("items.v2", 4, rows=2)
+        store.drop_table("items")
+        assert store.table_names == ["items.v2"]
