@@ -57,3 +57,18 @@ def test_table_names_with_at_are_refused_at_creation(tmp_path):
         store.create_table("items.v2", 4, rows=2)
         store.drop_table("items")
         assert store.table_names == ["items.v2"]
+
+
+def test_failed_npy_export_leaves_no_tmp_file(tmp_path):
+    """An interrupted .npy export left FILE.tmp behind (Parquet and TFRecord clean up)."""
+    with embstore.create(tmp_path / "s") as store:
+        t = store.create_table("t", 4, data=np.ones((100, 4), np.float32))
+
+        def interrupted(chunk_rows=None):
+            yield np.ones((10, 4), np.float32)
+            raise KeyboardInterrupt
+
+        t.iter_rows = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            t.export_npy(tmp_path / "out.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

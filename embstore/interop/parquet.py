@@ -142,11 +142,10 @@ def write_parquet(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], r
     path = Path(path)
     schema = pa.schema([pa.field(id_column, pa.int64(), nullable=False),
                         pa.field(vector_column, pa.list_(pa.float32(), dim), nullable=False)])
-    tmp = path.with_name(path.name + ".tmp")
-    written = 0
-    try:
-        with Progress(rows, label, progress) as bar, \
-                pq.ParquetWriter(tmp, schema) as writer:
+
+    def write(tmp: Path) -> None:  # pyarrow writes the temp file by name itself
+        written = 0
+        with Progress(rows, label, progress) as bar, pq.ParquetWriter(tmp, schema) as writer:
             for ids, vecs in chunks:
                 vecs = np.ascontiguousarray(vecs, dtype=np.float32)
                 column = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)
@@ -157,8 +156,5 @@ def write_parquet(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], r
                 bar.update(len(vecs))
         if written != rows:
             raise ShapeError(f"exported {written} rows: expected {rows}")
-        fs.sync_path(tmp, data_only=False)
-        fs.rename(tmp, path)
-    except BaseException:
-        fs.unlink(tmp)
-        raise
+
+    fs.atomic_external(path, write)

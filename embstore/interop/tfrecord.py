@@ -204,25 +204,16 @@ def write_tfrecord(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], 
                    fs: FileSystem = REAL) -> None:
     """Write (ids, rows) chunks as a TFRecord file; the final name appears only when the
     file is complete and synced."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     written = 0
-    try:
-        with open(tmp, "wb") as f, Progress(rows, label, progress) as bar:
-            for ids, vecs in chunks:
-                for i in range(0, len(vecs), 8 * BATCH):
-                    f.write(encode_records(ids[i : i + 8 * BATCH], vecs[i : i + 8 * BATCH],
-                                           id_name, vec_name))
-                written += len(vecs)
-                bar.update(len(vecs))
-            if written != rows:
-                raise ShapeError(f"exported {written} rows: expected {rows}")
-            f.flush()
-            fs.fsync(f.fileno())
-        fs.rename(tmp, path)
-    except BaseException:
-        fs.unlink(tmp)
-        raise
+    with fs.atomic_file(Path(path)) as f, Progress(rows, label, progress) as bar:
+        for ids, vecs in chunks:
+            for i in range(0, len(vecs), 8 * BATCH):
+                f.write(encode_records(ids[i : i + 8 * BATCH], vecs[i : i + 8 * BATCH],
+                                       id_name, vec_name))
+            written += len(vecs)
+            bar.update(len(vecs))
+        if written != rows:
+            raise ShapeError(f"exported {written} rows: expected {rows}")
 
 
 # --- reading: frames ------------------------------------------------------------------------
