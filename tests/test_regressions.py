@@ -45,6 +45,60 @@ def test_small_rows_per_shard_needs_no_chunk_rows(tmp_path):
 # --- issue 10: bugs fixed on the way --------------------------------------------------------
 
 
+def test_interrupt_inside_a_commit_leaves_the_writer_usable(tmp_path, monkeypatch):
+    """Ctrl-C while a commit was being applied (the record already durable in the log)
+    wedged the writer: every later commit and the checkpoint at close failed with
+    "cannot checkpoint after a failed write ()", and the manifest kept 0 rows."""
+    from embstore.writer import core
+
+    path = tmp_path / "s"
+    store = embstore.create(path)
+    k = store.create_table("k", 4, key_type="int64")
+    real, calls = core.apply_entry, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as if SIGINT arrived in the middle of applying
+        return real(*args, **kw)
+
+    monkeypatch.setattr(core, "apply_entry", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="completed"):
+        k.insert(np.arange(5), np.ones((5, 4), np.float32))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(k.gather(np.arange(5)), np.ones((5, 4)))  # it completed
+    k.insert([7], np.full((1, 4), 2.0, np.float32))  # and the writer goes on
+    store.close()  # the checkpoint at close succeeds
+    with embstore.open(path) as reader:
+        assert reader.info()["tables"]["k"]["num_rows"] == 6
+        assert reader.check() == []
+
+
+def test_sigint_during_a_commit_is_deferred_until_it_completes(tmp_path, monkeypatch):
+    """A real SIGINT in the middle of a commit raises KeyboardInterrupt only once the
+    commit is applied, so the writer never holds a record it logged but did not apply."""
+    import os
+    import signal
+
+    from embstore.writer import core
+
+    store = embstore.create(tmp_path / "s")
+    t = store.create_table("t", 4, rows=8)
+    real = core.apply_entry
+
+    def signalled(*args, **kw):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now, in the main thread
+        return real(*args, **kw)
+
+    monkeypatch.setattr(core, "apply_entry", signalled)
+    with pytest.raises(KeyboardInterrupt, match="completed"):
+        t.update([1], np.full((1, 4), 3.0, np.float32))
+    monkeypatch.undo()
+    assert t.gather([1])[0, 0] == 3.0
+    t.update([2], np.full((1, 4), 4.0, np.float32))
+    store.close()
+
+
 def test_table_names_with_at_are_refused_at_creation(tmp_path):
     """"items@v2" was accepted, hidden from table_names and deleted by drop_table("items"):
     '@' is reserved for optimizer slot tables (docs/FORMAT.md)."""

@@ -100,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE, debug)
     except UserError as exc:
         return _fail(str(exc), exc.code, debug)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, debug)
+    except KeyboardInterrupt as exc:  # the library says what state it left, if any
+        return _fail(str(exc) if str(exc).startswith("interrupted") else "interrupted", 130,
+                     debug)
     except BrokenPipeError:
         # the reader of our output went away (| head): not an error worth a message
         _silence_stdout()

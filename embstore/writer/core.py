@@ -31,7 +31,9 @@ from embstore.fs import FileSystem
 from embstore.log import WriteAheadLog
 from embstore.log.payload import Entry, decode_record, encode_record
 from embstore.manifest import Manifest
+from embstore.table import Table
 from embstore.writer.apply import DirtyShards, apply_entry, reconcile_rows
+from embstore.writer.interrupts import GATE
 
 WAL_DIR = "wal"
 SCRATCH_BYTES = 1 << 20
@@ -50,12 +52,14 @@ class Writer:
         self.failed: BaseException | None = None
         self.dirty = DirtyShards()
         self.recovered_records = 0
+        self._interrupted = False  # a KeyboardInterrupt was raised inside a commit
         self._scratch = bytearray(SCRATCH_BYTES)
         self.log = WriteAheadLog.open(
             root / WAL_DIR, start_lsn=manifest.checkpoint_lsn, sync=settings["sync"],
             interval_ms=float(settings["sync_interval_ms"]),
             segment_bytes=int(settings["wal_segment_bytes"]), fs=fs)
         self.last_checkpoint = time.monotonic()
+        GATE.open_writer()
 
     # --- commit -------------------------------------------------------------------------
 
@@ -80,29 +84,58 @@ class Writer:
         return view[:size]
 
     def commit(self, entries: list[Entry]) -> int:
-        """Log, then apply. Returns the log position after the commit (acknowledged)."""
+        """Log, then apply. Returns the log position after the commit (acknowledged).
+
+        Ctrl-C cannot stop a commit halfway (see ``interrupts``): it is raised as
+        KeyboardInterrupt once the commit has completed, and the message says so."""
         with self.lock:
-            self.check_usable()
-            tables = [self.catalog.get(e.table) for e in entries]
+            with GATE.held():
+                lsn = self._commit(entries)
+            interrupted, self._interrupted = self._interrupted or GATE.take_pending(), False
+        if interrupted:
+            raise KeyboardInterrupt(
+                f"interrupted: the commit at LSN {lsn} completed (it is durable and applied); "
+                f"store {self.root} takes further commits")
+        return lsn
+
+    def _commit(self, entries: list[Entry]) -> int:
+        self.check_usable()
+        tables = [self.catalog.get(e.table) for e in entries]
+        try:
+            lsn = self.log.append([self._pack(encode_record(entries))])
+        except DurabilityError as exc:
+            self.failed = exc
+            raise
+        # Only now is the commit acknowledged; what follows must complete or poison.
+        try:
+            self._apply(tables, entries, lsn)
+        except KeyboardInterrupt:
+            # Raised inside applying (SIGINT itself is held back): the record is durable,
+            # and applying it again is harmless (full new row values; keys re-assigned as
+            # they are), so finish the commit rather than leave it half done.
+            self._interrupted = True
             try:
-                lsn = self.log.append([self._pack(encode_record(entries))])
-            except DurabilityError as exc:
-                self.failed = exc
-                raise
-            try:
-                for table, entry in zip(tables, entries):
-                    apply_entry(table, entry, lsn, self.dirty)
+                self._apply(tables, entries, lsn)
             except BaseException as exc:
-                # The record is in the log but only partly in the shards and key index.
-                # Going on would hand out the same new rows again (and a checkpoint would
-                # drop the record): refuse commits until a reopen replays it.
-                self.failed = exc
-                if isinstance(exc, OSError) and not isinstance(exc, DurabilityError):
-                    raise DurabilityError(exc.errno, f"commit logged at LSN {lsn} but not "
-                                          f"applied ({exc}); reopen the store") from exc
-                raise
-            self.maybe_checkpoint()
-            return lsn
+                self._poison_applied(exc, lsn)
+        except BaseException as exc:
+            self._poison_applied(exc, lsn)
+        self.maybe_checkpoint()
+        return lsn
+
+    def _apply(self, tables: list[Table], entries: list[Entry], lsn: int) -> None:
+        for table, entry in zip(tables, entries):
+            apply_entry(table, entry, lsn, self.dirty)
+
+    def _poison_applied(self, exc: BaseException, lsn: int) -> None:
+        """The record is in the log but only partly in the shards and key index. Going on
+        would hand out the same new rows again (and a checkpoint would drop the record):
+        refuse commits until a reopen replays it."""
+        self.failed = exc
+        if isinstance(exc, OSError) and not isinstance(exc, DurabilityError):
+            raise DurabilityError(exc.errno, f"commit logged at LSN {lsn} but not "
+                                  f"applied ({exc}); reopen the store") from exc
+        raise exc
 
     def maybe_checkpoint(self) -> None:
         s = self.settings
@@ -177,5 +210,6 @@ class Writer:
 
     def release_lock(self) -> None:
         if self._lock_fd is not None:
+            GATE.close_writer()
             self.fs.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
