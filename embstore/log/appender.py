@@ -230,6 +230,21 @@ class WriteAheadLog:
             self._segments = [s for s in self._segments if s not in doomed]
             self._start = max(self._start, self._segments[0][0])
 
+    @property
+    def tail_bytes(self) -> int:
+        """Bytes the current (last) segment takes on disk, preallocation included."""
+        return self._cap
+
+    def rotate(self) -> None:
+        """Start a new segment at the end LSN, so that recycle() can delete the current
+        one: the last segment is never recycled, and would otherwise keep every record
+        (and its preallocation) of a checkpointed log until it fills."""
+        with self._lock:
+            self._check_writable()
+            if self._off > HDR:
+                with self._guard("rotate"):
+                    self._rollover()
+
     def _rollover(self) -> None:
         # The reader's rule "a segment followed by another must be complete" holds only
         # if the current segment is durable before the next one can exist.

@@ -37,6 +37,10 @@ from embstore.writer.interrupts import GATE
 
 WAL_DIR = "wal"
 SCRATCH_BYTES = 1 << 20
+# A checkpoint starts a new log segment when the current one takes more than this on
+# disk: small enough that a checkpointed log shrinks, large enough that checkpoints of a
+# quiet store do not each create a segment file.
+ROTATE_BYTES = 8 << 20
 
 
 class Writer:
@@ -166,7 +170,10 @@ class Writer:
                 self.failed = exc
                 raise DurabilityError(getattr(exc, "errno", None),
                                       f"checkpoint failed: {exc}") from exc
-            # only below a durable checkpoint may log records go
+            # Only below a durable checkpoint may log records go. A big last segment is
+            # rotated first, so that recycling frees it too (the last one always stays).
+            if self.log.tail_bytes > ROTATE_BYTES and self.log.end_lsn == lsn:
+                self.log.rotate()
             self.log.recycle(lsn)
             self.last_checkpoint = time.monotonic()
             return lsn
