@@ -159,11 +159,30 @@ class ShardSet:
         the rename comes last) by a writer that died before its next checkpoint. Recovery
         reuses it, never replaces it: readers may have it mapped, and a new file under the
         old name would hide every later update from them. map_shards validates it."""
-        while self.meta.num_shards * self.meta.rows_per_shard < rows:
-            if not (self.dir / SHARD_NAME.format(self.meta.num_shards)).exists():
-                create_shard(self.fs, self.dir, self.meta, self.meta.num_shards)
-            self.meta.num_shards += 1
+        count = -(-rows // self.meta.rows_per_shard)
+        self.add_files(self.meta.num_shards, count)
+        self.meta.num_shards = max(self.meta.num_shards, count)
         self.map_shards(self.meta.num_shards)
+
+    def add_files(self, first: int, count: int) -> list[int]:
+        """Create shard files [first, count) that do not exist yet (see ensure_capacity on
+        why existing ones are kept); returns the indices created. Neither mapped nor
+        counted in the table's metadata: that is the caller's to do once they are used."""
+        created = []
+        for index in range(first, count):
+            if not (self.dir / SHARD_NAME.format(index)).exists():
+                create_shard(self.fs, self.dir, self.meta, index)
+                created.append(index)
+        return created
+
+    def remove_files(self, indices: Iterable[int]) -> None:
+        """Delete shard files no manifest, mapping or reader knows (never mapped here)."""
+        indices = list(indices)
+        if not indices:
+            return
+        for index in indices:
+            self.fs.unlink(self.dir / SHARD_NAME.format(index))
+        self.fs.fsync_dir(self.dir)
 
     def pwrite_rows(self, first_row: int, encoded: np.ndarray) -> set[int]:
         """Write contiguous encoded rows with pwrite, not through the mapping, so a bulk

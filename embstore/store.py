@@ -309,8 +309,9 @@ class Store:
 
     def compact(self) -> dict[str, Any]:
         """Checkpoint, then delete what no manifest names: log segments below the
-        checkpoint, table directories left by a crashed create or drop, stray ``.tmp``
-        files. Rows are never deleted in embstore, so live shards are kept as they are
+        checkpoint, table directories left by a crashed create or drop, shard files
+        beyond a table's last (left by an import that was killed), stray ``.tmp`` files.
+        Rows are never deleted in embstore, so live shards are kept as they are
         (rewriting them would change nothing a reader sees). Returns what was removed."""
         writer = self._writer_or_raise()
         self.checkpoint()
@@ -324,6 +325,16 @@ class Store:
                     freed += sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
                     self._fs.rmtree(directory)
                     removed.append(str(directory))
+                    continue
+                # the writer's count is the truth after the checkpoint: shards past it
+                # hold no published row, and no reader maps them
+                used = self._manifest.meta(directory.name).num_shards
+                for shard in sorted(directory.glob("shard-*.emb")):
+                    index = shard.name[len("shard-"):-len(".emb")]
+                    if index.isdigit() and int(index) >= used:
+                        freed += shard.stat().st_size
+                        self._fs.unlink(shard)
+                        removed.append(str(shard))
             for tmp in sorted(self.path.rglob("*.tmp")):
                 freed += tmp.stat().st_size
                 self._fs.unlink(tmp)

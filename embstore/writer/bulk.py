@@ -33,21 +33,33 @@ def append_chunks(writer: Writer, table: Table, chunks: Iterable[np.ndarray], to
             f"table {table.name!r} is keyed by {meta.key_type}: use insert(keys, rows)")
     with writer.lock:
         writer.check_usable()
-        start, written, touched = meta.num_rows, 0, set()
-        with Progress(total, f"import {table.name}", progress) as bar:
-            table._shards.ensure_capacity(start + total)
-            for chunk in chunks:
-                chunk = as_float_rows(chunk, meta.dim)
-                if written + len(chunk) > total:
-                    raise ShapeError(f"more rows than announced ({total})")
-                check_finite(chunk, table.name)
-                touched |= table._shards.pwrite_rows(start + written,
-                                                     encode_rows(chunk, meta.dtype))
-                written += len(chunk)
-                bar.update(len(chunk))
-        if written != total:
-            raise ShapeError(f"got {written} rows: expected {total}")
-        table._shards.sync(sorted(touched))
+        shards, start, written, touched = table._shards, meta.num_rows, 0, set()
+        # Shard files are made as the rows arrive, not all up front, and the metadata
+        # counts them only once the rows are published: a failed or interrupted import
+        # deletes the files it made and leaves the table as it was.
+        created: list[int] = []
+        have = meta.num_shards
+        try:
+            with Progress(total, f"import {table.name}", progress) as bar:
+                for chunk in chunks:
+                    chunk = as_float_rows(chunk, meta.dim)
+                    if written + len(chunk) > total:
+                        raise ShapeError(f"more rows than announced ({total})")
+                    check_finite(chunk, table.name)
+                    need = -(-(start + written + len(chunk)) // meta.rows_per_shard)
+                    if need > have:
+                        created += shards.add_files(have, need)
+                        have = need
+                    touched |= shards.pwrite_rows(start + written, encode_rows(chunk, meta.dtype))
+                    written += len(chunk)
+                    bar.update(len(chunk))
+            if written != total:
+                raise ShapeError(f"got {written} rows: expected {total}")
+            shards.sync(sorted(touched))
+        except BaseException:
+            shards.remove_files(created)
+            raise
+        shards.ensure_capacity(start + total)  # count and map the new shards
         publish_rows(writer, table, start + total)
 
 
