@@ -151,6 +151,26 @@ def test_interrupted_dense_import_keeps_no_preallocated_shards(tmp_path):
         assert store["t"].num_rows == 10 and store.check() == []
 
 
+def test_cli_imports_string_keys_into_a_bytes_keyed_table(tmp_path):
+    """`embstore-cli import --key-type bytes` could never succeed: a string id column was
+    refused ("expected integers"), integer ids were refused by the bytes table."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from embstore.cli import main
+
+    src = tmp_path / "users.parquet"
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    pq.write_table(pa.table({"id": ["ann", "bob", "cy"],
+                             "embedding": pa.FixedSizeListArray.from_arrays(
+                                 pa.array(vectors.reshape(-1)), 4)}), src)
+    store = tmp_path / "s"
+    assert main(["import", str(store), "users", str(src), "--create", "--key-type",
+                 "bytes"]) == 0
+    with embstore.open(store) as s:
+        np.testing.assert_array_equal(s["users"].gather([b"bob", "cy"]), vectors[1:])
+
+
 def test_checkpoint_shrinks_the_log(tmp_path):
     """The last log segment was never recycled: after a keyed import a 50 MiB table kept a
     53 MiB log, and `checkpoint` printed "log 53.2 MiB (was 53.2 MiB)"."""

@@ -44,7 +44,8 @@ examples:
 
 The format comes from the file name (.npy, .parquet/.pq, .tfrecord/.tfrecords/.tfr) or
 --format. Parquet and TFRecord rows carry an int64 'id' and a float list 'embedding'
-(rename with --id-column / --vector-column).
+(rename with --id-column / --vector-column); a table keyed by bytes takes a Parquet
+string or binary 'id' column.
 """
 
 EXPORT_EPILOG = """\

@@ -69,9 +69,12 @@ def read_parquet(path: Path, dim: int | None = None, id_column: str | None = ID_
         raise DTypeError(f"{path}: column {vector_column!r} holds {vtype.value_type}: "
                          "expected floats")
     if id_column is not None and id_column in schema.names:
-        if not pa.types.is_integer(schema.field(id_column).type):
-            raise DTypeError(f"{path}: column {id_column!r} is "
-                             f"{schema.field(id_column).type}: expected integers")
+        itype = schema.field(id_column).type
+        if not (pa.types.is_integer(itype) or pa.types.is_string(itype)
+                or pa.types.is_large_string(itype) or pa.types.is_binary(itype)
+                or pa.types.is_large_binary(itype)):
+            raise DTypeError(f"{path}: column {id_column!r} is {itype}: expected integers "
+                             "(row numbers or int64 keys) or strings/binary (bytes keys)")
         columns = [id_column, vector_column]
     else:
         columns, id_column = [vector_column], None
@@ -104,10 +107,12 @@ def _first_dim(pf: Any, column: str, vtype: Any, path: Path, pa: Any) -> int:
 
 
 def _ids(col: Any, first: int, path: Path) -> np.ndarray:
+    """int64 ids, or an object array of str/bytes ids (the keys of a bytes table)."""
     if col.null_count:
         bad = first + int(np.flatnonzero(~np.asarray(col.is_valid()))[0])
         raise FormatError(f"row {bad} has a null id", str(path))
-    return np.asarray(col.to_numpy(zero_copy_only=False)).astype(np.int64, copy=False)
+    ids = np.asarray(col.to_numpy(zero_copy_only=False))
+    return ids if ids.dtype == object else ids.astype(np.int64, copy=False)
 
 
 def _vectors(col: Any, dim: int, first: int, path: Path) -> np.ndarray:

@@ -127,6 +127,11 @@ def _insert_keyed(writer: Writer, table: Table, source: Source, path: Path,
             if ids is None:
                 raise InvalidArgumentError(f"{path} has no ids: a keyed table needs a key "
                                            "per row")
+            if table.key_type == "bytes" and ids.dtype != object:
+                raise InvalidArgumentError(
+                    f"{path} has integer ids: table {table.name!r} is keyed by bytes and "
+                    "needs string or binary ids (the int64 ids an export of a bytes table "
+                    "writes are hashes of its keys, not the keys)")
             for i in range(0, len(rows), KEYED_BATCH):  # one logged commit per batch
                 update(writer, table, ids[i : i + KEYED_BATCH], rows[i : i + KEYED_BATCH])
                 bar.update(len(rows[i : i + KEYED_BATCH]))
