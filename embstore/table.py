@@ -279,8 +279,9 @@ class Table:
         if self._meta.missing == "raise":
             first = np.flatnonzero(missing.reshape(-1))[0]
             raise UnknownKeyError(
-                f"key {_describe_key(keys, int(first))} is not in table {self.name!r} "
-                "(created with missing='raise'; use missing='zeros' or 'init' to allow it)")
+                f"key {_describe_key(keys, int(first))} is not in table {self.name!r}, which "
+                "raises on unknown keys (missing='raise', fixed when the table was created): "
+                "insert the key first")
         flat_out = out.reshape(-1, self._meta.dim)
         flat_rows, flat_missing = rows.reshape(-1), missing.reshape(-1)
         present = ~flat_missing

@@ -187,3 +187,29 @@ def test_checkpoint_shrinks_the_log(tmp_path):
     assert before > 16 << 20 and after <= 8 << 20, (before, after)
     with embstore.open(path, "r+") as store:
         assert store["k"].num_rows == 8 * 8192 and store.check() == []
+
+
+@pytest.mark.parametrize("case", ["no store", "locked", "unknown key"])
+def test_cli_hints_speak_cli(tmp_path, capsys, case):
+    """The CLI printed Python hints: "create one with embstore.create(path)", "open with
+    mode='r'", "use missing='zeros'" (for a table whose policy is fixed at creation)."""
+    from embstore.cli import main
+
+    path = tmp_path / "s"
+    if case == "no store":
+        argv = ["info", str(path)]
+    else:
+        with embstore.create(path) as store:
+            store.create_table("k", 2, key_type="int64")
+        argv = ["checkpoint", str(path)] if case == "locked" else \
+            ["get", str(path), "k", "--keys", "5"]
+    holder = embstore.open(path, "r+") if case == "locked" else None
+    try:
+        code = main(argv)
+    finally:
+        if holder is not None:
+            holder.close()
+    err = capsys.readouterr().err
+    assert code != 0 and "embstore-cli: error:" in err
+    for python in ("embstore.create(", "mode=", "missing='zeros'", "missing="):
+        assert python not in err, err

@@ -33,6 +33,12 @@ PROGRESS_DELAY_S = 1.0  # no bar for work that finishes within a second
 # The library words its hints for Python callers; the CLI shows them in its own words.
 PYTHON_TO_CLI = (
     ("pass ignore_ids=True", "pass --ignore-ids"),
+    ("create one with embstore.create(path)",
+     "create one with 'embstore-cli import PATH TABLE FILE --create'"),
+    ("open with mode='r' to read",
+     "commands that only read (info, stats, get, head, check, export, warm) work meanwhile"),
+    ("(missing='raise', fixed when the table was created): insert the key first",
+     "(fixed when the table was created): import the key first"),
 )
 
 
