@@ -84,11 +84,16 @@ class Catalog:
         return Table(name, meta, directory, shards, live, index, cache_bytes, self.writer)
 
     def default_cache_bytes(self, name: str) -> int:
-        """The store budget split evenly across user tables; slot tables get none (only the
-        optimizer reads them, once per step)."""
+        """The ``cache_bytes`` setting for this table: a per-table budget when it is a
+        {table: bytes} mapping (tables not named get none), else the store budget split
+        evenly across user tables. Slot tables get none (only the optimizer reads them,
+        once per step)."""
+        budget = self.settings["cache_bytes"]
         if is_slot_table(name):
             return 0
-        return int(self.settings["cache_bytes"]) // max(1, len(self.user_tables()))
+        if isinstance(budget, dict):
+            return int(budget.get(name, 0))
+        return int(budget) // max(1, len(self.user_tables()))
 
     def open_tables(self) -> list[Table]:
         with self._lock:

@@ -45,7 +45,8 @@ from embstore.writer import tables as ddl
 
 WAL_DIR = "wal"
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "cache_bytes": 0,            # hot-row cache budget per store, split across tables
+    "cache_bytes": 0,            # hot-row cache: bytes split evenly over the tables, or
+                                 # {table: bytes} for a budget per table
     "advice": "random",          # madvise for shard mappings: "random" or "normal"
     "sync": "step",              # write-ahead log: "step" (fdatasync per commit) or "interval"
     "sync_interval_ms": 100.0,   # loss window when sync="interval"
@@ -88,6 +89,13 @@ def _check_settings(settings: dict[str, Any]) -> None:
     if unknown:
         raise InvalidArgumentError(f"unknown settings {sorted(unknown)}: expected some of "
                                    f"{sorted(DEFAULT_SETTINGS)}")
+    budget = settings.get("cache_bytes", 0)
+    budgets = budget.values() if isinstance(budget, dict) else [budget]
+    if not all(isinstance(b, (int, float, np.number)) and not isinstance(b, bool) and b >= 0
+               for b in budgets) or (isinstance(budget, dict)
+                                     and not all(isinstance(k, str) for k in budget)):
+        raise InvalidArgumentError(f"cache_bytes must be bytes >= 0 or a {{table: bytes}} "
+                                   f"mapping, got {budget!r}")
 
 
 def create(path: str | os.PathLike, *, exist_ok: bool = False, fs: FileSystem | None = None,
@@ -113,8 +121,13 @@ def create(path: str | os.PathLike, *, exist_ok: bool = False, fs: FileSystem | 
 def open(path: str | os.PathLike, mode: str = "r", *, fs: FileSystem | None = None,  # noqa: A001
          **settings: Any) -> "Store":
     """Open a store: ``mode="r"`` to read (any number of processes), ``"r+"`` to write
-    (one process at a time). Keyword settings override the stored ones for this session,
-    e.g. ``cache_bytes=256 << 20``."""
+    (one process at a time). Keyword settings override the stored ones for this session.
+
+    ``cache_bytes`` is the hot-row cache budget: an int is split evenly over the store's
+    tables (``cache_bytes=256 << 20`` with two tables gives each 128 MiB); a mapping
+    ``{"items": 192 << 20, "users": 64 << 20}`` gives each named table its own budget
+    (tables not named get no cache). ``store.table(name, cache_bytes=n)`` resizes one
+    table's cache later."""
     return Store(Path(path), mode, settings, fs or REAL)
 
 

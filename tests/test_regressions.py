@@ -213,3 +213,19 @@ def test_cli_hints_speak_cli(tmp_path, capsys, case):
     assert code != 0 and "embstore-cli: error:" in err
     for python in ("embstore.create(", "mode=", "missing='zeros'", "missing="):
         assert python not in err, err
+
+
+def test_cache_bytes_can_be_given_per_table(tmp_path):
+    """cache_bytes was split evenly over all tables without saying so, and no table could
+    be given a budget of its own at open."""
+    path = tmp_path / "s"
+    with embstore.create(path) as store:
+        for name in ("hot", "cold", "warm"):
+            store.create_table(name, 8, rows=4)
+    with embstore.open(path, cache_bytes=3 << 20) as store:  # split evenly: documented
+        assert [store[n].cache_bytes for n in ("hot", "cold", "warm")] == [1 << 20] * 3
+    with embstore.open(path, cache_bytes={"hot": 2 << 20, "warm": 1 << 20}) as store:
+        assert store["hot"].cache_bytes == 2 << 20
+        assert store["warm"].cache_bytes == 1 << 20
+        assert store["cold"].cache_bytes == 0
+    assert "split evenly" in embstore.open.__doc__
