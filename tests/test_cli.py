@@ -345,7 +345,7 @@ def test_check_clean_store(capsys, store_path):
 def test_check_names_file_and_offset_of_each_fault(capsys, store_path):
     from embstore.keys import HEADER_SIZE
 
-    # offsets from the format spec (embstore/format.py docstring, index.py docstring)
+    # offsets from the format spec (embstore/format.py docstring, embstore/keys docstring)
     flip(shard(store_path, "items", 1), 20)  # dim field: caught by the header CRC at 60
     flip(shard(store_path, "half"), 0)  # magic
     q = shard(store_path, "q")

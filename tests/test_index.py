@@ -496,7 +496,7 @@ def test_init_rows_golden_and_same_in_another_process():
             "k = np.array([0, 1, -1, 2**63-1, -2**63, 42], np.int64);"
             "print(hashlib.sha256(init_rows(k, 16, 2024, 0.01).tobytes()).hexdigest())")
     assert run_py(code).strip() == hashlib.sha256(here.tobytes()).hexdigest()
-    # Golden bits pin the formula: a change here is a format change (spec in index.py).
+    # Golden bits pin the formula: a change here is a format change (spec in embstore/keys).
     golden = init_rows(np.array([0, 1, -1]), 2, 0, 1.0).view(np.uint32).tolist()
     assert golden == [[init_rows_spec(k, c, 0, 1.0).view(np.uint32) for c in range(2)] for k in (0, 1, -1)]
     assert golden == GOLDEN_INIT_BITS

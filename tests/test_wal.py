@@ -1,4 +1,4 @@
-"""Tests of embstore.wal: framing, group commit, segments, replay, torn tails, corruption,
+"""Tests of embstore.log (the write-ahead log): framing, group commit, segments, replay, torn tails, corruption,
 failed-fsync poisoning, fault injection and kill -9 crashes."""
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ from embstore.keys.keyfile import (
 from embstore.keys.assign import check_existing, new_mapping
 from embstore.keys.record import KeyRecord
 
-log = logging.getLogger("embstore.index")
+log = logging.getLogger("embstore.keys")
 
 KEYS_FILE = "keys.bin"
 LMDB_DIR = "keys.lmdb"

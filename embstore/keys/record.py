@@ -25,7 +25,7 @@ from embstore.fs import FileSystem
 from embstore.keys.convert import MAX_BYTES_KEY, hash_bytes_keys
 from embstore.keys.keyfile import FORMAT_VERSION, KEY_TYPES
 
-log = logging.getLogger("embstore.index")
+log = logging.getLogger("embstore.keys")
 
 META_FORMAT = b"embstore-keyindex"
 MAP_GROWTHS = 8  # a commit that fills the map doubles it, at most this many times
