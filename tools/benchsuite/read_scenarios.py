@@ -444,7 +444,7 @@ def run_s8(cfg: dict[str, Any]) -> dict[str, Any]:
             for i, dist in enumerate(("uniform", "zipf")):
                 idx = nb.make_ids(dist, cfg["n_ids"], n, alpha=1.05, seed=41 + i)
                 q = keys[idx]
-                row_ids = table.rows_of(q)
+                row_ids = table._index.lookup(q)
                 assert (row_ids >= 0).all()
                 np.testing.assert_array_equal(table.gather(q[:batch]), values[idx[:batch]])
                 ids_file = work / f"rows.{dist}.i64"
