@@ -11,9 +11,9 @@ The core never imports TensorFlow; ``embstore.tensorflow`` holds the TF integrat
 
 from embstore import errors
 from embstore._version import __version__
-from embstore.errors import EmbstoreError
+from embstore.errors import EmbstoreError, Fault
 from embstore.format import FORMAT_MAJOR, FORMAT_MINOR
-from embstore.store import Fault, Store, create, open
+from embstore.store import Store, create, open
 from embstore.table import Table
 
 __all__ = [

@@ -21,10 +21,7 @@ seeded source, and print throughput and the cache hit rate.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 import embstore
+from embstore.demo_paths import demo_store_path
 
 CHUNK_ROWS = 131072
 
@@ -107,20 +105,6 @@ def run(path: Path, rows: int, dim: int, cache_fraction: float, seconds: float,
           f"{checked:,} rows verified against the source", file=out)
     store.close()
     return {"rows_per_s": rate, "hit_rate": stats["hit_rate"], "open_ms": open_ms}
-
-
-@contextlib.contextmanager
-def demo_store_path(path: Path | None) -> Iterator[Path]:
-    """``path`` if given, else a store path in a fresh temporary directory that is removed
-    afterwards (both demos)."""
-    if path is not None:
-        yield Path(path)
-        return
-    workdir = Path(tempfile.mkdtemp(prefix="embstore-demo-"))
-    try:
-        yield workdir / "store"
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

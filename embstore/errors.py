@@ -10,6 +10,8 @@ context (TensorFlow's AutoGraph, Keras' call info) keep its class.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class EmbstoreError(Exception):
     """Base class of every error raised by embstore."""
@@ -157,3 +159,39 @@ class DurabilityError(EmbstoreError, OSError):
 
 class StoreClosedError(EmbstoreError, RuntimeError):
     """The store (or table) was used after ``close()``."""
+
+
+# --- findings of a check -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One problem a check found: which file, where, what is wrong, and whether it is
+    damage (``fatal``) or the normal trace of a crash that the next writable open repairs
+    (a torn log tail, a leftover temporary file). ``kind`` names the failure for scripts
+    (``checksum``, ``truncated``, ``torn-tail``...; ``corrupt`` when nothing more precise
+    applies). Every check of the store, its tables, key indexes and log reports this type.
+    """
+
+    path: str
+    offset: int | None
+    message: str
+    kind: str = "corrupt"
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        at = f" @ byte {self.offset}" if self.offset is not None else ""
+        return f"{self.path}{at}: {self.message}"
+
+    @classmethod
+    def of(cls, exc: BaseException, path: object) -> "Fault":
+        """The fault an exception describes; a FormatError names its own file and offset
+        (and its message then drops the "file @ byte n: " prefix it carries)."""
+        kind = next((k for c, k in _FAULT_KINDS if isinstance(exc, c)), "corrupt")
+        if isinstance(exc, FormatError) and exc.path:
+            return cls(exc.path, exc.offset, str(exc).split(": ", 1)[-1], kind)
+        return cls(str(path), None, str(exc), kind)
+
+
+_FAULT_KINDS = ((BadMagicError, "bad-magic"), (UnsupportedVersionError, "unsupported-version"),
+                (ChecksumError, "checksum"), (TruncatedFileError, "truncated"))

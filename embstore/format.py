@@ -52,8 +52,9 @@ The file size MUST be exactly 24 + N. The body holds::
          "init_scale": float >= 0, "init_seed": int in [0, 2**63),
          "step": int >= 0,           # optimizer steps applied (Adam bias correction)
          "optimizer": null | {...},  # config of the optimizer owning the slot tables
-         "fill": float}}}            # slot tables: a zero-filled row reads as this value
+         "fill": float}},            # slot tables: a zero-filled row reads as this value
                                      # (stored bits = value bits XOR fill bits)
+     "renames": {new: old}}          # optional: a rename in progress (see below)
 
 A reader MUST check that num_rows <= num_shards * rows_per_shard, that every number is
 an integer in its range, and that every table name is valid (so no name can point
@@ -61,6 +62,11 @@ outside the store: no ``/``, no ``..``). Unknown body keys MUST be ignored (mino
 versions add keys). Replacement protocol: write ``MANIFEST.tmp``, fsync it, rename it
 over ``MANIFEST``, fsync the directory. A reader therefore sees the old or the new
 manifest, never a mix.
+
+``renames`` is present only while tables are being renamed: the manifest already names
+a table ``new`` while its directory may still be ``tables/<old>/``. A reader looks
+there when ``tables/<new>/`` does not exist; the next writer finishes the rename (moves
+the directory, then drops the key).
 
 Shard file
 ----------
@@ -147,12 +153,10 @@ Limitations
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from embstore.errors import (
@@ -185,7 +189,8 @@ LIVE_LSN_OFFSET = 24
 LIVE_SHARDS_OFFSET = 32
 MAX_DIM = 65536  # 256 KiB float32 rows; larger rows are not an embedding table
 MAX_ROWS_PER_SHARD_LOG2 = 40
-TABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(@[A-Za-z0-9_]{1,32})?")
+USER_TABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+TABLE_NAME = re.compile(USER_TABLE_NAME.pattern + r"(@[A-Za-z0-9_]{1,32})?")  # slot tables too
 
 DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3, "int8": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
@@ -217,13 +222,25 @@ def is_power_of_two(n: int) -> bool:
 
 
 def check_table_name(name: str) -> str:
-    """Reject names that could escape the store directory or clash with slot tables."""
+    """Reject names that could escape the store directory or clash with slot tables: the
+    rule every name in a manifest follows (a slot table is ``<table>@<slot>``)."""
     if not isinstance(name, str) or not TABLE_NAME.fullmatch(name):
         raise InvalidArgumentError(
             f"bad table name {name!r}: expected 1-128 characters of [A-Za-z0-9_.-], "
             "not starting with '.' or '-'"
         )
     return name
+
+
+def check_user_table_name(name: str) -> str:
+    """The naming rule for a table a user creates (or renames to): 1-128 characters of
+    [A-Za-z0-9_.-], not starting with '.' or '-'. '@' is reserved for optimizer slot
+    tables: a user table named ``items@v2`` would pass for a slot table of ``items``
+    (hidden from the table list, dropped with ``items``)."""
+    if isinstance(name, str) and "@" in name and TABLE_NAME.fullmatch(name):
+        raise InvalidArgumentError(f"bad table name {name!r}: '@' is reserved for optimizer "
+                                   "slot tables (<table>@<slot>)")
+    return check_table_name(name)
 
 
 # --- shard header ----------------------------------------------------------------------
@@ -401,6 +418,12 @@ def validate_manifest(body: Any, path: str) -> None:
     need(isinstance(body.get("settings", {}), dict), "settings is not an object")
     tables = body.get("tables")
     need(isinstance(tables, dict), "tables is not an object")
+    renames = body.get("renames", {})
+    need(isinstance(renames, dict), "renames is not an object")
+    for new, old in renames.items():
+        if not all(isinstance(n, str) and TABLE_NAME.fullmatch(n) for n in (new, old)):
+            raise UnsafePathError(f"rename {new!r} <- {old!r} names an invalid table", path,
+                                  MANIFEST_HEADER.size)
     for name, t in tables.items():
         if not isinstance(name, str) or not TABLE_NAME.fullmatch(name):
             raise UnsafePathError(f"table name {name!r} is not a valid name", path,
@@ -445,33 +468,3 @@ def _check_version(major: int, minor: int, path: str, offset: int) -> None:
 def _require(cond: bool, message: str, path: str, offset: int) -> None:
     if not cond:
         raise FormatError(message, path, offset)
-
-
-# --- atomic file replacement -------------------------------------------------------------
-
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` so a crash leaves the old or the new bytes, never a mix.
-
-    Order matters: the temp file's data must be durable before the rename makes it the
-    visible name, and the directory entry must be durable before callers rely on it.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -1,4 +1,9 @@
-"""Shard files of one table: create, preallocate, map, validate; the live file.
+"""Shard files of one table: create, preallocate, map, validate; the live file; the
+table's metadata record (``TableMeta``).
+
+Every write, sync and preallocation goes through the file seam (``embstore.fs``).
+Which shards need a sync is the writer's to track (``embstore.writer``): this module
+writes what it is told to and syncs the shards it is given.
 
 A ``ShardSet`` owns the mappings of a table's shards and the native ``RowSource`` over
 them. Mappings are handed to native code through the buffer protocol, which also keeps
@@ -12,15 +17,14 @@ import mmap
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
-from embstore import _rows
+import embstore._rows as _rows
 from embstore.errors import DurabilityError, MissingFileError, TruncatedFileError
 from embstore.format import (
     DTYPE_CODES,
-    fsync_dir,
     HEADER_BYTES,
     LIVE_BYTES,
     LIVE_LSN_OFFSET,
@@ -33,6 +37,7 @@ from embstore.format import (
     row_stride,
     unpack_shard_header,
 )
+from embstore.fs import FileSystem
 
 SHARD_NAME = "shard-{:06d}.emb"
 LIVE_NAME = "live.emb"
@@ -77,11 +82,11 @@ class TableMeta:
         return cls(**{k: v for k, v in body.items() if k in names})
 
 
-def preallocate(fd: int, size: int, path: Path) -> None:
+def preallocate(fs: FileSystem, fd: int, size: int, path: Path) -> None:
     """Reserve every block now so writes through a mapping can never hit a full disk
     (which the kernel reports as SIGBUS, killing the process)."""
     try:
-        os.posix_fallocate(fd, 0, size)
+        fs.fallocate(fd, 0, size)
     except OSError as exc:
         raise DurabilityError(
             exc.errno, f"cannot preallocate {size} bytes for {path}: {exc.strerror} "
@@ -89,35 +94,29 @@ def preallocate(fd: int, size: int, path: Path) -> None:
         ) from None
 
 
-def create_shard(table_dir: Path, meta: TableMeta, index: int) -> Path:
-    """Create a zero-filled, preallocated shard and make it durable before use."""
+def create_shard(fs: FileSystem, table_dir: Path, meta: TableMeta, index: int) -> Path:
+    """Create a zero-filled, preallocated shard and make it durable before use. The
+    rename comes last (atomic_file): a crash leaves either no shard or a complete one,
+    never a short file that a mapping could SIGBUS on."""
     header = meta.shard_header(index)
     path = table_dir / SHARD_NAME.format(index)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        preallocate(fd, header.file_size, tmp)
-        os.pwrite(fd, header.pack(), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    # rename last: a crash leaves either no shard or a complete one, never a short file
-    os.replace(tmp, path)
-    fsync_dir(table_dir)
+    with fs.atomic_file(path) as f:
+        preallocate(fs, f.fd, header.file_size, f.path)
+        f.write(header.pack())
     return path
 
 
 class ShardSet:
     """The mapped shards of one table plus the native RowSource that reads them."""
 
-    def __init__(self, table_dir: Path, meta: TableMeta, writable: bool,
+    def __init__(self, table_dir: Path, meta: TableMeta, writable: bool, fs: FileSystem,
                  advice: str = "random") -> None:
         self.dir = table_dir
         self.meta = meta
         self.writable = writable
+        self.fs = fs
         self.advice = advice
         self.maps: list[mmap.mmap] = []
-        self.dirty: set[int] = set()  # shards written since the last sync()
         self.source = _rows.RowSource(
             DTYPE_CODES[meta.dtype], meta.dim, meta.stride,
             meta.rows_per_shard.bit_length() - 1, meta.chunk_rows.bit_length() - 1,
@@ -130,7 +129,7 @@ class ShardSet:
         for index in range(len(self.maps), count):
             path = self.dir / SHARD_NAME.format(index)
             try:
-                fd = os.open(path, os.O_RDWR if self.writable else os.O_RDONLY)
+                fd = self.fs.open(path, os.O_RDWR if self.writable else os.O_RDONLY)
             except FileNotFoundError:
                 raise MissingFileError(f"shard {index} of {self.meta.num_shards} is missing",
                                        str(path)) from None
@@ -141,7 +140,7 @@ class ShardSet:
                 access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
                 mapping = mmap.mmap(fd, size, access=access)
             finally:
-                os.close(fd)
+                self.fs.close(fd)
             if self.advice == "random":
                 # default readahead reads ~40x the bytes a random row lookup needs. Rows
                 # only: the seqlock counters keep readahead, so a cold reader's first
@@ -160,36 +159,55 @@ class ShardSet:
         the rename comes last) by a writer that died before its next checkpoint. Recovery
         reuses it, never replaces it: readers may have it mapped, and a new file under the
         old name would hide every later update from them. map_shards validates it."""
-        while self.meta.num_shards * self.meta.rows_per_shard < rows:
-            if not (self.dir / SHARD_NAME.format(self.meta.num_shards)).exists():
-                create_shard(self.dir, self.meta, self.meta.num_shards)
-            self.meta.num_shards += 1
+        count = -(-rows // self.meta.rows_per_shard)
+        self.add_files(self.meta.num_shards, count)
+        self.meta.num_shards = max(self.meta.num_shards, count)
         self.map_shards(self.meta.num_shards)
 
-    def pwrite_rows(self, first_row: int, encoded: np.ndarray) -> None:
+    def add_files(self, first: int, count: int) -> list[int]:
+        """Create shard files [first, count) that do not exist yet (see ensure_capacity on
+        why existing ones are kept); returns the indices created. Neither mapped nor
+        counted in the table's metadata: that is the caller's to do once they are used."""
+        created = []
+        for index in range(first, count):
+            if not (self.dir / SHARD_NAME.format(index)).exists():
+                create_shard(self.fs, self.dir, self.meta, index)
+                created.append(index)
+        return created
+
+    def remove_files(self, indices: Iterable[int]) -> None:
+        """Delete shard files no manifest, mapping or reader knows (never mapped here)."""
+        indices = list(indices)
+        if not indices:
+            return
+        for index in indices:
+            self.fs.unlink(self.dir / SHARD_NAME.format(index))
+        self.fs.fsync_dir(self.dir)
+
+    def pwrite_rows(self, first_row: int, encoded: np.ndarray) -> set[int]:
         """Write contiguous encoded rows with pwrite, not through the mapping, so a bulk
         import does not grow this process's resident set. Only for rows no reader can
-        see yet (at or beyond num_rows): no seqlock is taken."""
+        see yet (at or beyond num_rows): no seqlock is taken. Returns the shards written
+        (the caller syncs them before publishing the rows)."""
         rps, stride = self.meta.rows_per_shard, self.meta.stride
         done = 0
+        touched: set[int] = set()
         while done < len(encoded):
             row = first_row + done
             shard, local = divmod(row, rps)
             count = min(len(encoded) - done, rps - local)
             offset = self.meta.shard_header(shard).data_offset + local * stride
             path = self.dir / SHARD_NAME.format(shard)
-            self.dirty.add(shard)
-            fd = os.open(path, os.O_WRONLY)
+            touched.add(shard)
+            fd = self.fs.open(path, os.O_WRONLY)
             try:
-                view = memoryview(encoded[done : done + count]).cast("B")
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    view, offset = view[written:], offset + written
+                self.fs.pwrite_all(fd, memoryview(encoded[done : done + count]), offset)
             except OSError as exc:
                 raise DurabilityError(exc.errno, f"write to {path} failed: {exc.strerror}") from None
             finally:
-                os.close(fd)
+                self.fs.close(fd)
             done += count
+        return touched
 
     def read_rows(self, first_row: int, count: int, out: np.ndarray | None = None
                   ) -> np.ndarray:
@@ -220,39 +238,27 @@ class ShardSet:
         self.source.set_num_rows(rows)
         self.meta.num_rows = rows
 
-    def mark_dirty(self, rows: np.ndarray) -> None:
-        """Record the shards that rows written through the mapping live in, so the next
-        sync() covers them (a shard missed here would lose its rows at the checkpoint that
-        recycles their log records). Cheap per commit: one bincount over the shard span."""
+    def shards_of(self, rows: np.ndarray) -> Iterable[int]:
+        """The shards that rows live in: one bincount over the span (cheap per commit)."""
         if not len(rows):
-            return
+            return ()
         shift = self.meta.rows_per_shard.bit_length() - 1
         shards = rows >> shift
         lo, hi = int(shards.min()), int(shards.max())
         if lo == hi:
-            self.dirty.add(lo)
-        else:
-            touched = np.flatnonzero(np.bincount(shards - lo, minlength=hi - lo + 1))
-            self.dirty.update((touched + lo).tolist())
+            return (lo,)
+        touched = np.flatnonzero(np.bincount(shards - lo, minlength=hi - lo + 1))
+        return (touched + lo).tolist()
 
-    def mark_all_dirty(self) -> None:
-        self.dirty.update(range(self.meta.num_shards))
-
-    def sync(self) -> None:
-        """Make every row written since the last sync durable (checkpoint, bulk import).
-
-        Only shards written since then are synced: a checkpoint of a table of thousands
-        of shards that trained on a few of them costs a few fdatasyncs, not thousands.
-        A shard leaves the dirty set only once its sync succeeded."""
-        for index in sorted(self.dirty):
+    def sync(self, indices: Iterable[int]) -> None:
+        """Make the rows written to these shards durable: msync the mapping (rows written
+        through it), then fdatasync the file (rows written with pwrite, and the pages
+        msync wrote back)."""
+        for index in indices:
+            path = self.dir / SHARD_NAME.format(index)
             if index < len(self.maps) and self.writable:
-                self.maps[index].flush()
-            fd = os.open(self.dir / SHARD_NAME.format(index), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            self.dirty.discard(index)
+                self.fs.msync(self.maps[index], path)
+            self.fs.sync_path(path)
 
     def close(self) -> None:
         # the RowSource holds buffer exports; drop it before closing the mappings
@@ -268,13 +274,11 @@ class ShardSet:
 class LiveFile:
     """The writer's published row count and log position, shared with readers."""
 
-    def __init__(self, path: Path, writable: bool) -> None:
+    def __init__(self, path: Path, writable: bool, fs: FileSystem) -> None:
         self.path = path
         if writable and not path.exists():
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(pack_live(0, 0, 0))
-            os.replace(tmp, path)
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+            fs.atomic_write(path, pack_live(0, 0, 0))
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
         try:
             size = os.fstat(fd).st_size
             check_live(os.pread(fd, LIVE_BYTES, 0) if size == LIVE_BYTES else b"\0" * size,

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import embstore
-from embstore.dtypes import roundtrip
+from embstore.codecs import roundtrip
 from embstore.format import HEADER_BYTES, MANIFEST_HEADER, SHARD_CRC_OFFSET
 
 settings.register_profile(
@@ -93,7 +93,7 @@ class SmallTable:
         self.store = store
         self.table = table
         self.rows = rows                                 # what was written (float32)
-        self.expected = roundtrip(rows, table.dtype)     # what reading must return
+        self.expected = roundtrip(rows, table.storage_dtype)     # what reading must return
 
 
 def make_small_table(store: embstore.Store, dtype: str) -> SmallTable:

@@ -18,7 +18,7 @@ import pytest
 
 import embstore
 from embstore.cli import main
-from embstore.dtypes import encode_rows
+from embstore.codecs import encode_rows
 from embstore.format import MANIFEST_HEADER, SHARD_CRC_OFFSET
 from embstore.interop import tfrecord
 
@@ -63,7 +63,7 @@ def base_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # shard write: a store written by an older or foreign writer, which stats must count.
         with np.errstate(over="ignore"):
             raw = rows[3:4].astype(np.float16).view(np.uint8)
-        assert half.shards.source.scatter(np.array([3]), np.ascontiguousarray(raw)) == -1
+        assert half._shards.source.scatter(np.array([3]), np.ascontiguousarray(raw)) == -1
         store.create_table("q", 16, dtype="int8", data=int8_rows())
         users = store.create_table("users", 4, key_type="int64")
         users.insert(USER_KEYS, np.arange(16, dtype=np.float32).reshape(4, 4))
@@ -343,9 +343,9 @@ def test_check_clean_store(capsys, store_path):
 
 
 def test_check_names_file_and_offset_of_each_fault(capsys, store_path):
-    from embstore.index import HEADER_SIZE
+    from embstore.keys import HEADER_SIZE
 
-    # offsets from the format spec (embstore/format.py docstring, index.py docstring)
+    # offsets from the format spec (embstore/format.py docstring, embstore/keys docstring)
     flip(shard(store_path, "items", 1), 20)  # dim field: caught by the header CRC at 60
     flip(shard(store_path, "half"), 0)  # magic
     q = shard(store_path, "q")
@@ -385,7 +385,7 @@ def test_check_fix_repairs_a_damaged_key_index(capsys, store_path):
     assert code == 0 and got["clean"] is True and got["fixed"]
     with embstore.open(store_path) as store:
         assert store.check() == []
-        assert np.array_equal(store["users"].index.keys_of(np.arange(4)), USER_KEYS)
+        assert np.array_equal(store["users"]._index.keys_of(np.arange(4)), USER_KEYS)
 
 
 def test_check_damaged_manifest(capsys, store_path):
@@ -401,7 +401,7 @@ def test_check_damaged_manifest(capsys, store_path):
 
 
 def test_check_torn_log_tail_is_a_warning_and_fix_cuts_it(capsys, store_path):
-    wal = pytest.importorskip("embstore.wal")
+    wal = pytest.importorskip("embstore.log")
     with embstore.open(store_path) as store:
         start = store.checkpoint_lsn
     log = wal.WriteAheadLog.open(store_path / "wal", start_lsn=start, readonly=True)
@@ -443,7 +443,7 @@ def test_export_import_round_trip(capsys, store_path, tmp_path, suffix):
     assert got["rows"] == N_ITEMS and got["created"] is True and got["first_row"] == 0
     with embstore.open(store_path) as store:
         copy = store["copy"]
-        assert copy.dtype == "float16" and copy.dim == DIM
+        assert copy.storage_dtype == "float16" and copy.dim == DIM
         want = item_rows().astype(np.float16).astype(np.float32)
         assert np.array_equal(copy.gather(np.arange(N_ITEMS)), want)
     # appending the same file again: its ids name rows 0.. but would become rows 300..
@@ -465,7 +465,7 @@ def test_import_create_makes_a_new_store(capsys, store_path, tmp_path):
     code, out, _ = run(capsys, "import", new, "items", path, "--create", "--dtype", "bfloat16")
     assert code == 0 and f"imported {N_ITEMS} rows into items" in out
     with embstore.open(new) as store:
-        assert store["items"].dtype == "bfloat16" and store["items"].num_rows == N_ITEMS
+        assert store["items"].storage_dtype == "bfloat16" and store["items"].num_rows == N_ITEMS
         assert store.check() == []
 
 
@@ -633,11 +633,11 @@ def test_warm_reads_the_used_part_of_every_file(capsys, store_path):
         names = sorted(store.info()["tables"])
         want = {n: sum(size for _, size in files_of(store[n])) for n in names}
         items = store["items"]
-        header = items.meta.shard_header(0)
+        header = items._meta.shard_header(0)
         assert [s for _, s in files_of(items)] == [  # 300 rows over shards of 128
-            header.data_offset + 128 * items.meta.stride,
-            header.data_offset + 128 * items.meta.stride,
-            header.data_offset + 44 * items.meta.stride]
+            header.data_offset + 128 * items._meta.stride,
+            header.data_offset + 128 * items._meta.stride,
+            header.data_offset + 44 * items._meta.stride]
     assert {n: t["bytes"] for n, t in got["tables"].items()} == want
     assert got["bytes"] == sum(want.values())
     code, out, err = run(capsys, "warm", store_path, "items")

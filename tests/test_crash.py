@@ -58,7 +58,7 @@ def test_recovery_repairs_a_row_a_dead_writer_tore(tmp_path, cache_bytes):
     os.waitpid(pid, 0)
     shard = path / "tables" / "t" / "shard-000000.emb"
     with embstore.open(path) as ro:  # the geometry, from a reader
-        data_offset = ro["t"].meta.shard_header(0).data_offset
+        data_offset = ro["t"]._meta.shard_header(0).data_offset
     with open(shard, "r+b") as f:  # what a kill inside the copy of row 9 leaves behind
         f.seek(HEADER_BYTES + 8)  # the counter of chunk 1 (rows 8..15)
         counter = int.from_bytes(f.read(8), "little")
@@ -70,10 +70,10 @@ def test_recovery_repairs_a_row_a_dead_writer_tore(tmp_path, cache_bytes):
         with pytest.raises(embstore.errors.TornReadError, match="reopen the store for writing"):
             reader["t"].gather([1, 10])  # row 10: same chunk, held by the dead writer
         if cache_bytes:
-            assert reader["t"].cache.lru_order() == [1]  # row 10's slot was dropped
+            assert reader["t"]._cache.lru_order() == [1]  # row 10's slot was dropped
         np.testing.assert_array_equal(reader["t"].gather([1]), np.zeros((1, 16)))
         with embstore.open(path, "r+") as writer:  # recovery replays the record
-            assert writer.writer.recovered_records == 1
+            assert writer._writer.recovered_records == 1
             want = np.zeros((16, 16), np.float32)
             want[9], want[12] = 3.0, 4.0
             np.testing.assert_array_equal(reader["t"].gather(np.arange(16)), want)

@@ -22,7 +22,7 @@ import pytest
 
 import embstore
 from embstore import format as fmt
-from embstore.dtypes import decode_rows, encode_rows, roundtrip
+from embstore.codecs import decode_rows, encode_rows, roundtrip
 from embstore.errors import (
     NonFiniteError,
     BadMagicError,
@@ -203,8 +203,8 @@ def test_checked_in_golden_store_reads_back(tmp_path: Path) -> None:
         assert store.table_names == ["dense", "quant"]
         assert store.check() == []
         dense, quant = store["dense"], store["quant"]
-        assert (dense.dtype, dense.dim, len(dense)) == ("float32", 4, 6)
-        assert (quant.dtype, quant.dim, len(quant)) == ("int8", 5, 3)
+        assert (dense.storage_dtype, dense.dim, len(dense)) == ("float32", 4, 6)
+        assert (quant.storage_dtype, quant.dim, len(quant)) == ("int8", 5, 3)
         np.testing.assert_array_equal(dense.gather(np.arange(6)), rows["dense"])
         np.testing.assert_array_equal(quant.gather(np.arange(3)), roundtrip(rows["quant"], "int8"))
 

@@ -1,4 +1,4 @@
-"""Tests for embstore.index: the dynamic-key index (LMDB truth, keys file, native hash)."""
+"""Tests for embstore.keys: the dynamic-key index (LMDB truth, keys file, native hash)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import flip, poke
-from embstore import index
+from embstore import _keyhash
+from embstore.check import check_key_index
+from embstore.faultyfs import FaultyFileSystem
+from embstore.keys import convert, index, keyfile, record
 from embstore.errors import (
     DTypeError,
     DurabilityError,
+    FormatError,
     IdOutOfRangeError,
     InvalidArgumentError,
     KeyCollisionError,
@@ -32,7 +36,7 @@ from embstore.errors import (
     StoreNotFoundError,
     WriterLockedError,
 )
-from embstore.index import HEADER_SIZE, KeyIndex, init_rows, init_rows_reference
+from embstore.keys import HEADER_SIZE, KeyIndex, init_rows, init_rows_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
@@ -90,7 +94,7 @@ def test_assign_lookup_match_dict_oracle(batches, probes):
                 np.testing.assert_array_equal(ix.keys_of(list(oracle.values())), list(oracle))
         with KeyIndex.open(d, readonly=True) as ro:  # and after a reopen
             np.testing.assert_array_equal(ro.lookup(np.array(everything, np.int64)), expect(oracle, everything))
-            assert ro.check() == [] and ro.rebuilt is None
+            assert check_key_index(ro) == [] and ro.rebuilt is None
 
 
 def test_lookup_any_shape_and_out_reuse(ix):
@@ -124,7 +128,7 @@ def test_assign_rejects_conflicts_and_writes_nothing(ix):
         ix.assign([30, 40], [2])
     ix.assign([40, 30, 10], [3, 2, 0])  # new rows in any order, plus an existing mapping
     np.testing.assert_array_equal(ix.lookup([10, 20, 30, 40]), [0, 1, 2, 3])
-    assert ix.check() == []
+    assert check_key_index(ix) == []
 
 
 # --- the hash: load, growth, spread, threads -------------------------------------------
@@ -170,7 +174,7 @@ def test_native_hash_rejects_duplicate_keys_and_keeps_old_state(tmp_path):
     keys = np.array([1, 2, 3, 2], np.int64)
     path.write_bytes(bytes(HEADER_SIZE) + keys.tobytes())
     fd = os.open(path, os.O_RDONLY)
-    h = index._keyhash.KeyHash(fd, HEADER_SIZE, 1000, 42)
+    h = _keyhash.KeyHash(fd, HEADER_SIZE, 1000, 42)
     os.close(fd)
     h.extend(3)
     with pytest.raises(ValueError, match="rows 1 and 3"):
@@ -217,7 +221,7 @@ def test_bytes_keys(tmp_path):
         ix.assign(keys, [0, 1, 2, 3])
         ix.assign(["alpha", b"beta"], [0, 1])  # str and its UTF-8 bytes are one key
         k64 = ix.to_int64(np.array(keys, dtype=object))
-        assert k64[0] == index.bytes_key_hash(b"alpha")
+        assert k64[0] == convert.bytes_key_hash(b"alpha")
         assert k64[0] == int.from_bytes(hashlib.blake2b(b"alpha", digest_size=8).digest(), "little", signed=True)
         np.testing.assert_array_equal(ix.lookup(k64), [0, 1, 2, 3])
         np.testing.assert_array_equal(ix.lookup(ix.to_int64(np.array([b"beta", b"zz"]))), [1, -1])
@@ -234,7 +238,7 @@ def test_bytes_keys(tmp_path):
             ix.assign([b""], [4])
         with pytest.raises(DTypeError):
             ix.assign([1, 2], [4, 5])
-        assert ix.check() == []
+        assert check_key_index(ix) == []
     with KeyIndex.open(tmp_path / "b") as ix:
         np.testing.assert_array_equal(ix.lookup(k64), [0, 1, 2, 3])
 
@@ -243,25 +247,26 @@ def test_native_blake2b64_matches_hashlib():
     rng = np.random.default_rng(11)
     data = [rng.bytes(n) for n in [*range(0, 300), 383, 384, 385, 511, 4096, 70_000]]
     data += ["", "\u00e9", "\U0001f600 key"]
-    want = [index.bytes_key_hash(k.encode() if isinstance(k, str) else k) for k in data]
-    np.testing.assert_array_equal(index._hash_bytes_keys(data), want)
+    want = [convert.bytes_key_hash(k.encode() if isinstance(k, str) else k) for k in data]
+    np.testing.assert_array_equal(convert.hash_bytes_keys(data), want)
     with pytest.raises(TypeError):
-        index._hash_bytes_keys([b"a", 1])
+        convert.hash_bytes_keys([b"a", 1])
 
 
 def test_forced_collision_raises_and_writes_nothing(tmp_path, monkeypatch):
     weak = lambda raw: np.array([len(b) for b in raw], np.int64)  # noqa: E731 (weak on purpose)
-    monkeypatch.setattr(index, "_hash_bytes_keys", weak)
+    monkeypatch.setattr(index, "hash_bytes_keys", weak)
+    monkeypatch.setattr(record, "hash_bytes_keys", weak)
     with KeyIndex.create(tmp_path / "b", key_type="bytes") as ix:
         ix.assign([b"ab", b"xyz"], [0, 1])
         with pytest.raises(KeyCollisionError, match="same 64-bit hash"):
             ix.assign([b"cd"], [2])  # collides with a recorded key
         with pytest.raises(KeyCollisionError):
             ix.assign([b"pqrs", b"wxyz"], [2, 3])  # two new keys collide with each other
-        assert ix.count == 2 and ix._lmdb_count() == 2
+        assert ix.count == 2 and ix._record.count() == 2
         ix.assign([b"ab", b"abcd", b"abcd"], [0, 2, 2])  # no collision: fine
         np.testing.assert_array_equal(ix.lookup_exact([b"ab", b"cd", b"abcd"]), [0, -1, 2])
-        assert ix.check() == []
+        assert check_key_index(ix) == []
 
 
 # --- processes -------------------------------------------------------------------------
@@ -269,7 +274,7 @@ def test_forced_collision_raises_and_writes_nothing(tmp_path, monkeypatch):
 READER = """
 import json, sys
 import numpy as np
-from embstore.index import KeyIndex
+from embstore.keys import KeyIndex
 ix = KeyIndex.open(sys.argv[1], readonly=True)
 keys = np.array(json.loads(sys.argv[2]), np.int64)
 print(json.dumps(ix.lookup(keys).tolist()), flush=True)
@@ -319,7 +324,7 @@ def test_writer_and_reader_in_one_process_share_lmdb(tmp_path):
     w.assign([7, 8], [0, 1])
     assert r.lookup([8])[0] == -1 and r.refresh() == 2 and r.lookup([8])[0] == 1
     w.close()
-    assert r.check() == []
+    assert check_key_index(r) == []
     r.close()
     with pytest.raises(WriterLockedError):
         with KeyIndex.open(tmp_path / "ix"):
@@ -338,7 +343,7 @@ def make_index(d, n=300):
 
 def stale_header(path):  # a valid header one key behind LMDB: a crash before the append
     with open(path, "r+b") as f:
-        f.write(index._pack_header(1, 299, zlib.crc32(open(path, "rb").read()[HEADER_SIZE:HEADER_SIZE + 8 * 299])))
+        f.write(keyfile.pack_header(1, 299, zlib.crc32(open(path, "rb").read()[HEADER_SIZE:HEADER_SIZE + 8 * 299])))
 
 
 DAMAGE = {
@@ -366,9 +371,9 @@ def test_damaged_keys_file_is_rebuilt_from_lmdb(tmp_path, damage, readonly):
         assert ix.rebuilt, "the repair must be reported"
         if readonly:  # a reader repairs privately, leaves the file to the writer, says so
             assert (open(path, "rb").read() if os.path.exists(path) else None) == before
-            assert any("private" in f for f in ix.check())
+            assert any("private" in str(f) for f in check_key_index(ix))
         else:
-            assert ix.check() == []
+            assert check_key_index(ix) == []
             ix.assign([123456789], [keys.size])
     if not readonly:
         with KeyIndex.open(d, readonly=True) as ro:
@@ -389,21 +394,16 @@ def test_degraded_reader_recovers_when_the_writer_rebuilds(tmp_path, monkeypatch
             assert len(scans) == 2
             w.assign([77], [keys.size])
         assert ro.refresh() == keys.size + 1 and len(scans) == 2  # back on the shared file
-        assert ro.lookup([77])[0] == keys.size and ro.check() == []
+        assert ro.lookup([77])[0] == keys.size and check_key_index(ro) == []
 
 
-def test_append_failure_after_commit_is_repaired_on_reopen(tmp_path, monkeypatch):
-    d = str(tmp_path / "ix")
-    with KeyIndex.create(d) as ix:
+def test_append_failure_after_commit_is_repaired_on_reopen(tmp_path):
+    d, fs = str(tmp_path / "ix"), FaultyFileSystem()
+    with KeyIndex.create(d, fs=fs) as ix:
         ix.assign([1], [0])
-
-        def fail(*a):
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(index, "_pwrite_all", fail)
+        fs.fail("pwritev", path="*/keys.bin", errno=28)  # ENOSPC
         with pytest.raises(DurabilityError):
             ix.assign([2], [1])
-        monkeypatch.undo()
         with pytest.raises(DurabilityError):
             ix.assign([3], [1])  # refuses until repaired: LMDB already holds row 1
     with KeyIndex.open(d) as ix:
@@ -415,26 +415,26 @@ def test_check_finds_planted_inconsistencies(tmp_path):
     d = str(tmp_path / "ix")
     keys, path = make_index(d, n=50)
     with KeyIndex.open(d) as ix:
-        assert ix.check() == []
+        assert check_key_index(ix) == []
         # A key mismatch with valid CRCs: row 7's key replaced, header rewritten.
         poke(path, HEADER_SIZE + 8 * 7, "<q", 424242)
         data = open(path, "rb").read()[HEADER_SIZE:]
         with open(path, "r+b") as f:
-            f.write(index._pack_header(1, 50, zlib.crc32(data)))
-        faults = ix.check()
-        assert any("keys.bin: key mismatch: row 7 holds key 424242" in f for f in faults), faults
+            f.write(keyfile.pack_header(1, 50, zlib.crc32(data)))
+        faults = check_key_index(ix)
+        assert any("keys.bin: key mismatch: row 7 holds key 424242" in str(f) for f in faults), faults
         assert all(f.path in (path, ix._lmdb_path) for f in faults)
         ix.rebuild()
-        assert ix.check() == [] and ix.lookup([keys[7]])[0] == 7
+        assert check_key_index(ix) == [] and ix.lookup([keys[7]])[0] == 7
         # LMDB entries planted behind the index's back: out of range, and not one-to-one.
-        with ix._env.env.begin(write=True, db=ix._env.rows) as txn:
+        with ix._record._e.env.begin(write=True, db=ix._record._e.rows) as txn:
             txn.put(struct.pack(">q", 999), struct.pack("<Q", 77))
             txn.put(struct.pack(">q", 998), struct.pack("<Q", 3))
-        faults = ix.check()
-        assert any("keys.lmdb: row out of range: key 999 -> row 77" in f for f in faults), faults
-        assert any("not one-to-one: row 3 is held by 2 keys" in f for f in faults), faults
-        assert any("keys file has 50 keys, LMDB has 52" in f for f in faults), faults
-        with pytest.raises(index.FormatError):
+        faults = check_key_index(ix)
+        assert any("keys.lmdb: row out of range: key 999 -> row 77" in str(f) for f in faults), faults
+        assert any("not one-to-one: row 3 is held by 2 keys" in str(f) for f in faults), faults
+        assert any("keys file has 50 keys, LMDB has 52" in str(f) for f in faults), faults
+        with pytest.raises(FormatError):
             ix.rebuild()  # LMDB itself is wrong: refuse rather than guess
 
 
@@ -492,11 +492,11 @@ def test_init_rows_shape_out_and_prefix_property():
 def test_init_rows_golden_and_same_in_another_process():
     keys = np.array([0, 1, -1, I64_MAX, I64_MIN, 42], np.int64)
     here = init_rows(keys, 16, 2024, 0.01)
-    code = ("import hashlib, numpy as np; from embstore.index import init_rows;"
+    code = ("import hashlib, numpy as np; from embstore.keys import init_rows;"
             "k = np.array([0, 1, -1, 2**63-1, -2**63, 42], np.int64);"
             "print(hashlib.sha256(init_rows(k, 16, 2024, 0.01).tobytes()).hexdigest())")
     assert run_py(code).strip() == hashlib.sha256(here.tobytes()).hexdigest()
-    # Golden bits pin the formula: a change here is a format change (spec in index.py).
+    # Golden bits pin the formula: a change here is a format change (spec in embstore/keys).
     golden = init_rows(np.array([0, 1, -1]), 2, 0, 1.0).view(np.uint32).tolist()
     assert golden == [[init_rows_spec(k, c, 0, 1.0).view(np.uint32) for c in range(2)] for k in (0, 1, -1)]
     assert golden == GOLDEN_INIT_BITS
@@ -512,7 +512,7 @@ def test_lmdb_map_grows_when_full(tmp_path):
         for lo in range(0, keys.size, 5000):
             ix.assign(keys[lo:lo + 5000], np.arange(lo, lo + 5000))
         np.testing.assert_array_equal(ix.lookup(keys), np.arange(keys.size))
-        assert ix.check() == []
+        assert check_key_index(ix) == []
 
 
 # --- bad input and modes -----------------------------------------------------------------
@@ -555,6 +555,7 @@ def test_bad_arguments_and_modes(tmp_path, ix):
             ro.rebuild()
     ix.close()
     ix.close()  # idempotent
-    for call in (lambda: ix.lookup([1]), lambda: ix.assign([2], [1]), ix.refresh, ix.check):
+    for call in (lambda: ix.lookup([1]), lambda: ix.assign([2], [1]), ix.refresh,
+                 lambda: check_key_index(ix)):
         with pytest.raises(StoreClosedError):
             call()

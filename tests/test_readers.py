@@ -252,12 +252,12 @@ def test_rewriting_a_chunk_a_dead_writer_held_never_exposes_its_torn_row(tmp_pat
     path = tmp_path / "s"
     with embstore.create(path) as w:
         t = w.create_table("t", 16, data=np.zeros((16, 16)), rows_per_shard=16, chunk_rows=8)
-        counters = np.frombuffer(t.shards.maps[0], np.uint64, 2, HEADER_BYTES)
+        counters = np.frombuffer(t._shards.maps[0], np.uint64, 2, HEADER_BYTES)
         counters[0] |= 1  # a writer died holding chunk 0 ...
-        row1 = np.frombuffer(t.shards.maps[0], np.float32, 16,
-                             t.meta.shard_header(0).data_offset + 64)
+        row1 = np.frombuffer(t._shards.maps[0], np.float32, 16,
+                             t._meta.shard_header(0).data_offset + 64)
         row1[:8] = 99.0  # ... half-way through row 1
-        source = t.shards.source
+        source = t._shards.source
         n = 100_000
         ids, encoded = np.zeros(n, np.int64), np.zeros((n, 64), np.uint8)  # replay of row 0
         with embstore.open(path, "r") as r:

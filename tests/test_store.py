@@ -32,9 +32,9 @@ from embstore.errors import (
     TableNotFoundError,
     WriterLockedError,
 )
-from embstore.dtypes import roundtrip
+from embstore.codecs import roundtrip
 from embstore.format import HEADER_BYTES, LIVE_BYTES
-from embstore.storage import ShardSet
+from embstore.faultyfs import FaultyFileSystem
 
 from conftest import random_rows, shard_path
 
@@ -130,7 +130,7 @@ def test_settings_merge_defaults_stored_and_arguments(store_factory) -> None:
         assert reader["a"].stats()["cache_bytes"] == (1 << 20) // 2  # split across tables
     with embstore.open(path, cache_bytes=0) as reader:
         assert reader.settings["cache_bytes"] == 0 and reader.settings["advice"] == "normal"
-        assert reader["a"].cache is None
+        assert reader["a"]._cache is None
     with embstore.open(path) as reader:  # arguments are for the session only
         assert reader.settings["cache_bytes"] == 1 << 20
         assert reader.table("a", cache_bytes=4096).stats()["cache_bytes"] == 4096
@@ -207,10 +207,10 @@ def test_create_existing_table_is_refused(store_factory) -> None:
 def test_create_table_with_zero_rows_and_data(store_factory) -> None:
     store = store_factory()
     zeros = store.create_table("z", 3, dtype="int8", rows=10, rows_per_shard=4, chunk_rows=4)
-    assert len(zeros) == 10 and zeros.meta.num_shards == 3
+    assert len(zeros) == 10 and zeros._meta.num_shards == 3
     np.testing.assert_array_equal(zeros.gather(np.arange(10)), np.zeros((10, 3)))
     empty = store.create_table("e", 3)
-    assert len(empty) == 0 and empty.meta.num_shards == 0
+    assert len(empty) == 0 and empty._meta.num_shards == 0
     with pytest.raises(embstore.errors.IdOutOfRangeError, match="< 0"):
         empty.gather([0])
     assert empty.gather(np.zeros(0, np.int64)).shape == (0, 3)
@@ -263,7 +263,7 @@ def test_every_write_on_a_read_only_store_is_refused(store_factory) -> None:
             assert "read-only" in str(info.value) and "mode='r+'" in str(info.value), what
         assert reader.table_names == ["t"] and len(reader["t"]) == 6
     assert tree(path) == before
-    assert not (path / "LOCK").exists() or embstore.store.read_lock_holder(path / "LOCK") is None
+    assert not (path / "LOCK").exists() or embstore.manifest.read_lock_holder(path) is None
 
 
 # --- the writer lock -------------------------------------------------------------------------
@@ -279,12 +279,12 @@ def test_second_writer_in_this_process_is_refused(store_factory) -> None:
     assert f"pid {os.getpid()}" in message and "one writer at a time" in message
     assert "mode='r'" in message  # what to do instead
     # the refused opener did not disturb the holder: the lock and the store still work
-    assert embstore.store.read_lock_holder(store.path / "LOCK")["pid"] == os.getpid()
+    assert embstore.manifest.read_lock_holder(store.path)["pid"] == os.getpid()
     store["t"].append(random_rows(2, 2))
     assert store.info()["writer"]["pid"] == os.getpid()
     path = store.path
     store.close()
-    assert embstore.store.read_lock_holder(path / "LOCK") is None
+    assert embstore.manifest.read_lock_holder(path) is None
     with embstore.open(path, mode="r+") as again:
         assert len(again["t"]) == 5
 
@@ -503,7 +503,7 @@ READ_ROWS = """
         table = store["t"]
         ids = np.array([[0, 63, 64], [127, 5, 5]])
         np.save(sys.argv[2], np.stack([table.gather(ids), table.gather(ids)]))
-        print(len(table), table.dtype, table.dim, store.check() == [], flush=True)
+        print(len(table), table.storage_dtype, table.dim, store.check() == [], flush=True)
 """
 
 
@@ -536,7 +536,7 @@ FOLLOW_WRITER = """
         sys.stdin.readline()                       # the writer appended meanwhile
         got = table.gather(np.arange(int(sys.argv[2])))
         np.save(sys.argv[3], got)
-        print(len(table), table.meta.num_shards, flush=True)
+        print(len(table), table._meta.num_shards, flush=True)
 """
 
 
@@ -571,7 +571,7 @@ def test_reader_in_this_process_follows_appended_rows(store_factory) -> None:
         table.append(rows[4:])
         with pytest.raises(embstore.errors.IdOutOfRangeError, match="< 40"):
             mirror.gather([40])
-        assert len(mirror) == 40 and mirror.meta.num_shards == 5
+        assert len(mirror) == 40 and mirror._meta.num_shards == 5
         np.testing.assert_array_equal(mirror.gather(np.arange(40)), rows)
 
 
@@ -591,22 +591,19 @@ class SlowToGrow:
         return getattr(self._source, name)
 
 
-def test_reader_threads_follow_a_table_growing_shard_by_shard(store_factory, monkeypatch
-                                                              ) -> None:
+def test_reader_threads_follow_a_table_growing_shard_by_shard(store_factory) -> None:
     """Reader threads gather while others make the reader map new shards (refresh), one
     shard per appended row: the shard arrays the native gather reads grow under it."""
-    # every append syncs (msync + fdatasync) every shard of the table, and these are
-    # 1-row shards: durability is not what this test is about
-    monkeypatch.setattr(ShardSet, "sync", lambda self: None)
-    monkeypatch.setattr(os, "fsync", lambda fd: None)
-    store = store_factory()
+    # every append syncs (msync + fdatasync) the shards it wrote, and these are 1-row
+    # shards: durability is not what this test is about, so the file seam skips syncs
+    store = store_factory(fs=FaultyFileSystem(durable=False))
     rows = random_rows(80, 4, seed=5)  # the reader's shard arrays grow at 4, 8, ..., 64
     table = store.create_table("t", 4, rows_per_shard=1, chunk_rows=1, data=rows[:2])
     errors: list[str] = []
     stop = threading.Event()
     with embstore.open(store.path) as reader:
         mirror = reader["t"]
-        mirror.shards.source = SlowToGrow(mirror.shards.source)
+        mirror._shards.source = SlowToGrow(mirror._shards.source)
 
         def work(seed: int) -> None:
             try:
@@ -642,7 +639,7 @@ def test_reader_threads_follow_a_table_growing_shard_by_shard(store_factory, mon
                 t.join()
         assert errors == []
         np.testing.assert_array_equal(mirror.gather(np.arange(len(rows))), rows)
-        assert mirror.meta.num_shards == len(rows)
+        assert mirror._meta.num_shards == len(rows)
     store.close()  # while sync is still patched out: 2 fsyncs per 1-row shard otherwise
 
 
@@ -663,10 +660,83 @@ def test_table_that_starts_empty_gets_shards_sized_to_grow(store_factory) -> Non
     keyed = store.create_table("k", 64, key_type="int64")
     grown = store.create_table("g", 64)
     for table in (keyed, grown):
-        assert table.meta.rows_per_shard * table.meta.stride == GROWING_SHARD_BYTES
+        assert table._meta.rows_per_shard * table._meta.stride == GROWING_SHARD_BYTES
     grown.append(np.ones((100_000, 64), np.float32))
-    assert grown.meta.num_shards == 2  # 100,000 rows in 65,536-row shards
+    assert grown._meta.num_shards == 2  # 100,000 rows in 65,536-row shards
     np.testing.assert_array_equal(grown.gather([99_999]), np.ones((1, 64)))
     # a size hint or a first batch of rows still sizes the shards
-    assert store.create_table("e", 64, expected_rows=3000).meta.rows_per_shard == 4096
-    assert store.create_table("r", 64, rows=10).meta.rows_per_shard == 1024
+    assert store.create_table("e", 64, expected_rows=3000)._meta.rows_per_shard == 4096
+    assert store.create_table("r", 64, rows=10)._meta.rows_per_shard == 1024
+
+
+# --- the public face: numpy/h5py-style tables, a mapping of tables -----------------------
+
+
+def test_table_reads_like_an_array(store_factory) -> None:
+    store = store_factory()
+    rows = random_rows(10, 4, seed=3)
+    t = store.create_table("t", 4, dtype="float16", data=rows)
+    assert t.shape == (10, 4) and t.ndim == 2 and len(t) == 10
+    assert t.dtype == np.float32 and t.storage_dtype == "float16"
+    want = roundtrip(rows, "float16")
+    np.testing.assert_array_equal(t[[3, 1]], want[[3, 1]])
+    np.testing.assert_array_equal(t[2:9:3], want[2:9:3])
+    np.testing.assert_array_equal(t[-2:], want[-2:])
+    assert t[4].shape == (4,)
+    assert not hasattr(t, "__array__")  # a 100 GB table must not load whole by accident
+    assert t.info()["rows_per_shard"] >= 10 and t.info()["stride"] == 8
+
+
+def test_store_is_a_mapping_of_tables(store_factory) -> None:
+    store = store_factory()
+    a = store.create_table("a", 2, rows=3)
+    store.create_table("b", 2, rows=1)
+    a.apply_gradients([0], np.ones((1, 2), np.float32), "adagrad")  # slot table a@accumulator
+    assert len(store) == 2 and store.keys() == ["a", "b"] == list(store)
+    assert "a" in store and "a@accumulator" not in store  # in and iteration agree
+    del store["b"]
+    assert store.keys() == ["a"] and "b" not in store
+    with pytest.raises(TableNotFoundError):
+        store["b"]
+
+
+def test_rename_table_moves_it_and_its_slot_tables(store_factory) -> None:
+    store = store_factory()
+    t = store.create_table("old", 2, rows=3)
+    t.apply_gradients([1], np.ones((1, 2), np.float32), "adagrad")
+    before = t.gather([0, 1, 2])
+    store.rename_table("old", "new")
+    assert store.keys() == ["new"]
+    with pytest.raises(StoreClosedError):
+        t.gather([0])  # handles of the old name are closed
+    np.testing.assert_array_equal(store["new"].gather([0, 1, 2]), before)
+    assert store["new"].step == 1
+    store["new"].apply_gradients([1], np.ones((1, 2), np.float32), "adagrad")  # slots moved
+    path = store.path
+    store.close()
+    assert sorted(p.name for p in (path / "tables").iterdir()) == ["new", "new@accumulator"]
+    with embstore.open(path) as reader:
+        assert reader["new"].step == 2 and reader.check() == []
+
+
+def test_a_rename_interrupted_by_a_crash_is_finished_on_open(store_factory) -> None:
+    """The manifest records the rename before any directory moves; a reader finds the
+    table in its old directory meanwhile, and the next writer finishes the move."""
+    from embstore.manifest import Manifest
+    from embstore.fs import REAL
+
+    store = store_factory()
+    store.create_table("old", 2, data=np.ones((3, 2), np.float32))
+    path = store.path
+    store.close()
+    manifest = Manifest(path, REAL)  # as rename_table leaves it after its first step
+    manifest.rename_table("old", "new")
+    manifest.renames = {"new": "old"}
+    manifest.commit()
+    with embstore.open(path) as reader:
+        np.testing.assert_array_equal(reader["new"].gather([2]), [[1.0, 1.0]])
+    with embstore.open(path, "r+") as writer:
+        assert writer.keys() == ["new"]
+    assert sorted(p.name for p in (path / "tables").iterdir()) == ["new"]
+    with embstore.open(path) as reader:
+        assert reader.check() == [] and "renames" not in reader.info()

@@ -1,7 +1,7 @@
 """Tests of embstore.table and the native row kernels (embstore._rows).
 
 Layers: Hypothesis properties of gather/append/import_npy/export_npy against a numpy
-oracle (``embstore.dtypes.roundtrip`` for lossy dtypes); the native decoder against numpy
+oracle (``embstore.codecs.roundtrip`` for lossy dtypes); the native decoder against numpy
 for every float16 and bfloat16 bit pattern; the hot-row cache (exact counters for a
 scripted sequence, strict LRU against a model, lazy promotion, never a stale row, many
 threads); bad input: a typed error, expected vs got in the message, nothing written.
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import embstore
 from embstore import _rows
-from embstore.dtypes import decode_rows, encode_rows, roundtrip
+from embstore.codecs import decode_rows, encode_rows, roundtrip
 from embstore.errors import (
     DTypeError,
     FormatError,
@@ -46,10 +46,10 @@ def cache_bytes_for(rows: int, dim: int, dtype: str = "float32") -> int:
 
 def seq_counter(table: embstore.Table, row: int) -> int:
     """The seqlock counter guarding ``row``, read from the shard mapping."""
-    meta = table.meta
+    meta = table._meta
     shard, local = divmod(row, meta.rows_per_shard)
     offset = HEADER_BYTES + 8 * (local // meta.chunk_rows)
-    return int(np.frombuffer(table.shards.maps[shard], "<u8", 1, offset)[0])
+    return int(np.frombuffer(table._shards.maps[shard], "<u8", 1, offset)[0])
 
 
 def assert_same_bits(got: np.ndarray, want: np.ndarray) -> None:
@@ -190,7 +190,7 @@ def test_gather_ids_across_many_shards(store_factory) -> None:
     rows = random_rows(33, 3, seed=9)
     table = store.create_table("t", 3, dtype="bfloat16", rows_per_shard=1, chunk_rows=1,
                                data=rows)
-    assert table.meta.num_shards == 33
+    assert table._meta.num_shards == 33
     ids = np.array([32, 0, 31, 1, 16, 16, 32])
     np.testing.assert_array_equal(table.gather(ids), roundtrip(rows, "bfloat16")[ids])
 
@@ -225,7 +225,7 @@ def test_append_matches_numpy_oracle(scratch_store, dtype: str, dim: int, rps: i
         written.append(rows)
     allrows = np.concatenate(written)
     assert len(table) == table.num_rows == len(allrows)
-    assert table.meta.num_shards == -(-len(allrows) // rps)
+    assert table._meta.num_shards == -(-len(allrows) // rps)
     assert_same_bits(table.gather(np.arange(len(allrows))), roundtrip(allrows, dtype))
     scratch_store.drop_table(table.name)
 
@@ -287,7 +287,7 @@ def _write_raw_rows(store: embstore.Store, dtype: str, dim: int, encoded: np.nda
     scatter, so any bit pattern, NaN and Inf included, lands in the shard)."""
     table = store.create_table(f"raw_{dtype}", dim, dtype=dtype, rows=len(encoded),
                                rows_per_shard=256, chunk_rows=16)
-    assert table.shards.source.scatter(np.arange(len(encoded)), encoded) == -1
+    assert table._shards.source.scatter(np.arange(len(encoded)), encoded) == -1
     return table
 
 
@@ -322,7 +322,7 @@ def test_every_finite_16_bit_value_round_trips_through_append(store_factory, dty
     table = store_factory().create_table("t", 64, dtype=dtype, rows_per_shard=512)
     table.append(values)
     assert_same_bits(table.gather(np.arange(len(values))), values)
-    stored = table.shards.read_rows(0, len(values))[:, :128].copy().view(np.uint16)
+    stored = table._shards.read_rows(0, len(values))[:, :128].copy().view(np.uint16)
     np.testing.assert_array_equal(stored.ravel(), bits[finite][: stored.size])
 
 
@@ -391,14 +391,14 @@ def test_cache_budget_buys_whole_rows(cached) -> None:
     table.set_cache_bytes(cache_bytes_for(4, 4) + 55)
     assert table.stats()["capacity_rows"] == 4
     table.set_cache_bytes(cache_bytes_for(1, 4) - 1)
-    assert table.cache is None and table.stats()["capacity_rows"] == 0
+    assert table._cache is None and table.stats()["capacity_rows"] == 0
     assert table.stats()["cache_bytes"] == cache_bytes_for(1, 4) - 1
 
 
 def test_cache_counters_for_a_scripted_sequence(cached) -> None:
     table, rows = cached
     table.set_cache_bytes(cache_bytes_for(4, 4))
-    cache = table.cache
+    cache = table._cache
     script = [
         # ids, (hits, misses, evictions, rows), LRU order (most recent first)
         ([0, 1, 2, 3], (0, 4, 0, 4), [3, 2, 1, 0]),
@@ -433,8 +433,8 @@ def test_cache_clear_drops_every_row(cached) -> None:
     table, rows = cached
     table.set_cache_bytes(cache_bytes_for(8, 4))
     table.gather(np.arange(8))
-    table.cache.clear()
-    assert table.cache.lru_order() == [] and table.stats()["rows"] == 0
+    table._cache.clear()
+    assert table._cache.lru_order() == [] and table.stats()["rows"] == 0
     np.testing.assert_array_equal(table.gather(np.arange(8)), rows[:8])
     assert table.stats()["misses"] == 16
 
@@ -464,7 +464,7 @@ def test_small_cache_is_strict_lru(cached, capacity: int, batches: list[list[int
         stats = table.stats()
         assert (stats["hits"], stats["misses"], stats["evictions"], stats["rows"]) == (
             hits, misses, evictions, len(model))
-        assert table.cache.lru_order() == list(reversed(model))
+        assert table._cache.lru_order() == list(reversed(model))
 
 
 @settings(max_examples=40)
@@ -481,7 +481,7 @@ def test_large_cache_counters_are_consistent(cached, capacity: int,
         np.testing.assert_array_equal(table.gather(ids), rows[ids])
         total += len(batch)
         stats = table.stats()
-        order = table.cache.lru_order()
+        order = table._cache.lru_order()
         assert stats["hits"] + stats["misses"] == total
         assert len(order) == len(set(order)) == stats["rows"] <= capacity
         assert stats["evictions"] == stats["misses"] - stats["rows"]
@@ -521,9 +521,9 @@ def test_cache_never_serves_a_stale_row(small_table, budget: int) -> None:
     before = seq_counter(table, 9)
     assert before % 2 == 0
     new = random_rows(1, 5, seed=99, scale=7.0)
-    assert table.shards.source.scatter(np.array([9]), encode_rows(new, table.dtype)) == -1
+    assert table._shards.source.scatter(np.array([9]), encode_rows(new, table.storage_dtype)) == -1
     assert seq_counter(table, 9) == before + 2
-    expected[9] = roundtrip(new, table.dtype)[0]
+    expected[9] = roundtrip(new, table.storage_dtype)[0]
     stats = table.stats()
     np.testing.assert_array_equal(table.gather([9]), expected[[9]])
     after = table.stats()
@@ -538,7 +538,7 @@ def test_cached_neighbour_in_a_rewritten_chunk_is_reread(small_table) -> None:
     table.set_cache_bytes(cache_bytes_for(100, 5))
     table.gather([8, 9, 10])
     new = random_rows(1, 5, seed=7)
-    table.shards.source.scatter(np.array([9], np.int32), encode_rows(new, table.dtype))
+    table._shards.source.scatter(np.array([9], np.int32), encode_rows(new, table.storage_dtype))
     hits = table.stats()["hits"]
     np.testing.assert_array_equal(table.gather([8, 10]), small_table.expected[[8, 10]])
     stats = table.stats()
@@ -555,10 +555,10 @@ def test_reader_cache_sees_rows_the_writer_rewrites(small_table) -> None:
         np.testing.assert_array_equal(table.gather(np.arange(20)), small_table.expected)
         assert table.stats()["hits"] == 20
         new = random_rows(3, 5, seed=11)
-        writer_table.shards.source.scatter(np.array([0, 7, 19]),
-                                           encode_rows(new, writer_table.dtype))
+        writer_table._shards.source.scatter(np.array([0, 7, 19]),
+                                           encode_rows(new, writer_table.storage_dtype))
         want = small_table.expected.copy()
-        want[[0, 7, 19]] = roundtrip(new, writer_table.dtype)
+        want[[0, 7, 19]] = roundtrip(new, writer_table.storage_dtype)
         np.testing.assert_array_equal(table.gather(np.arange(20)), want)
 
 
@@ -589,7 +589,7 @@ def test_threads_gathering_through_one_table_get_correct_rows(cached, budget: in
     assert errors == []
     if budget:
         stats = table.stats()
-        assert stats["rows"] == len(table.cache.lru_order()) <= stats["capacity_rows"]
+        assert stats["rows"] == len(table._cache.lru_order()) <= stats["capacity_rows"]
         assert stats["evictions"] == stats["misses"] - stats["rows"]
 
 
@@ -610,7 +610,7 @@ def test_concurrent_rewrites_never_give_a_torn_row(store_factory, budget: int) -
         while not stop.is_set():
             v += 1
             vals = (np.arange(16, dtype=np.float32)[:, None] * 0 + v + ids[:, None] * 1e5)
-            table.shards.source.scatter(ids, encode_rows(
+            table._shards.source.scatter(ids, encode_rows(
                 np.repeat(vals.astype(np.float32), dim, axis=1), "float32"))
 
     def read() -> None:
@@ -651,7 +651,7 @@ def test_cached_readers_never_go_back_before_a_finished_write(store_factory,
     def write() -> None:
         for version in range(1, 20000):
             rows = np.full((n, dim), version, np.float32)
-            table.shards.source.scatter(ids_all, encode_rows(rows, "float32"))
+            table._shards.source.scatter(ids_all, encode_rows(rows, "float32"))
             published[:] = version
         stop.set()
 
@@ -807,7 +807,7 @@ def test_non_finite_append_writes_nothing(small_table, bad: float) -> None:
     rows = random_rows(4, 5, seed=8)  # 20 + 4 rows: would need a new shard (rows 24..)
     rows = np.concatenate([rows, rows])
     rows[6, 3] = bad
-    files = sorted(p.name for p in table.dir.iterdir())
+    files = sorted(p.name for p in table.directory.iterdir())
     manifest = (store_path / "MANIFEST").read_bytes()
     with pytest.raises(NonFiniteError) as info:
         table.append(rows)
@@ -815,7 +815,7 @@ def test_non_finite_append_writes_nothing(small_table, bad: float) -> None:
     assert "row 6" in str(info.value) and "column 3" in str(info.value)
     assert str(bad) in str(info.value) and "finite" in str(info.value)
     assert len(table) == 20
-    assert sorted(p.name for p in table.dir.iterdir()) == files  # no shard created
+    assert sorted(p.name for p in table.directory.iterdir()) == files  # no shard created
     assert (store_path / "MANIFEST").read_bytes() == manifest
     np.testing.assert_array_equal(table.gather(np.arange(20)), small_table.expected)
     with pytest.raises(IdOutOfRangeError):
@@ -876,7 +876,7 @@ def test_import_npy_of_bad_files(small_table, tmp_path: Path) -> None:
 def test_native_kernels_refuse_calls_that_would_go_out_of_bounds(ro_table) -> None:
     """The Python layer validates first; the kernels re-check so a wrong call can never
     read or write outside the buffers."""
-    source = ro_table.table.shards.source
+    source = ro_table.table._shards.source
     out = np.zeros((2, 5), np.float32)
     with pytest.raises(ValueError, match="len\\(ids\\) \\* dim"):
         source.gather(np.array([0, 1, 2]), out)
@@ -888,7 +888,7 @@ def test_native_kernels_refuse_calls_that_would_go_out_of_bounds(ro_table) -> No
     assert (out == 0).all()
     with pytest.raises(ValueError, match="stride"):
         source.scatter(np.array([0]), np.zeros(3, np.uint8))
-    stride = ro_table.table.meta.stride
+    stride = ro_table.table._meta.stride
     assert source.scatter(np.array([0, 1 << 40]), np.zeros((2, stride), np.uint8)) == 1
     np.testing.assert_array_equal(ro_table.table.gather([0]), ro_table.expected[[0]])
     with pytest.raises(ValueError, match="exceeds the mapped shards"):

@@ -1,4 +1,4 @@
-"""Tests of embstore.wal: framing, group commit, segments, replay, torn tails, corruption,
+"""Tests of embstore.log (the write-ahead log): framing, group commit, segments, replay, torn tails, corruption,
 failed-fsync poisoning, fault injection and kill -9 crashes."""
 
 from __future__ import annotations
@@ -28,10 +28,20 @@ from embstore.errors import (
     MissingFileError, ReadOnlyError, StoreClosedError, TruncatedFileError,
     UnsupportedVersionError, WriterLockedError,
 )
-from embstore.wal import FRAME, HDR, MAX_RECORD_BYTES, WriteAheadLog, check_log
+from embstore.log import FRAME, HDR, MAX_RECORD_BYTES, WriteAheadLog, check_log
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from torture import FaultyIO  # noqa: E402  (the one fault-injecting LogIO)
+from embstore.faultyfs import FaultyFileSystem
+
+
+def faulty(op: str | None = None, nth: int = 1, err: int = errno.EIO, partial: bool = False,
+           short: bool = False) -> FaultyFileSystem:
+    """A file seam that fails the nth call of ``op`` (and records every call)."""
+    fs = FaultyFileSystem()
+    if op is not None:
+        fs.fail(op, nth, err, partial=partial)
+    if short:
+        fs.short_writes()
+    return fs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,8 +135,8 @@ def test_many_payloads_exceed_iov_max_and_numpy_payloads(tmp_path):
 
 
 def test_one_write_and_one_sync_per_group(tmp_path):
-    io = FaultyIO("none", 0)
-    with WriteAheadLog.open(tmp_path, io=io) as wal:
+    io = faulty()
+    with WriteAheadLog.open(tmp_path, fs=io) as wal:
         before = dict(io.calls)
         wal.append([os.urandom(n) for n in (10, 70_000, 3, 1 << 20, 5000, 0)])
         assert io.calls["pwritev"] - before["pwritev"] == 1
@@ -135,7 +145,7 @@ def test_one_write_and_one_sync_per_group(tmp_path):
 
 def test_short_writes_are_continued(tmp_path):
     groups = [[os.urandom(9000), b"x" * 5], [os.urandom(100)]]
-    make_log(tmp_path, groups, io=FaultyIO("none", 0, short=True))
+    make_log(tmp_path, groups, fs=faulty(short=True))
     with WriteAheadLog.open(tmp_path) as wal:
         assert payloads_of(wal) == [p for g in groups for p in g]
 
@@ -440,9 +450,9 @@ def test_random_damage_never_returns_wrong_records(seed, nflips):
 
 
 def test_eio_on_fdatasync_poisons_and_reopen_recovers(tmp_path):
-    io = FaultyIO("fdatasync", 4)
+    io = faulty("fdatasync", 4)
     acked = []
-    with WriteAheadLog.open(tmp_path, io=io) as wal:
+    with WriteAheadLog.open(tmp_path, fs=io) as wal:
         for i in range(3):
             wal.append([b"ok%d" % i])
             acked.append(b"ok%d" % i)
@@ -462,8 +472,8 @@ def test_eio_on_fdatasync_poisons_and_reopen_recovers(tmp_path):
 
 
 def test_enospc_on_partial_write_poisons_and_reopen_recovers(tmp_path):
-    io = FaultyIO("pwritev", 4, errno.ENOSPC, partial=True)  # 1: segment header
-    with WriteAheadLog.open(tmp_path, io=io) as wal:
+    io = faulty("pwritev", 4, errno.ENOSPC, partial=True)  # 1: segment header
+    with WriteAheadLog.open(tmp_path, fs=io) as wal:
         wal.append([b"a" * 300])
         wal.append([b"b" * 300, b"c" * 300])
         with pytest.raises(DurabilityError) as info:
@@ -480,8 +490,8 @@ def test_enospc_on_partial_write_poisons_and_reopen_recovers(tmp_path):
 
 
 def test_fallocate_failure_at_rollover_poisons_and_reopen_recovers(tmp_path):
-    io = FaultyIO("fallocate", 2, errno.ENOSPC)  # 1: first segment, 2: the rollover
-    with WriteAheadLog.open(tmp_path, io=io, segment_bytes=1024) as wal:
+    io = faulty("fallocate", 2, errno.ENOSPC)  # 1: first segment, 2: the rollover
+    with WriteAheadLog.open(tmp_path, fs=io, segment_bytes=1024) as wal:
         acked = [wal.append([bytes([i]) * 400]) for i in range(2)]
         with pytest.raises(DurabilityError):
             wal.append([b"z" * 400])
@@ -571,7 +581,7 @@ record = _namespace["record"]
 CHILD = r"""
 import os, random, struct, sys, time, types
 pkg = types.ModuleType("embstore"); pkg.__path__ = [sys.argv[1]]; sys.modules["embstore"] = pkg
-from embstore.wal import WriteAheadLog
+from embstore.log import WriteAheadLog
 """ + RECORD_SOURCE + r"""
 d = sys.argv[2]
 lsn, i = map(int, open(os.path.join(d, "ckpt")).read().split())

@@ -34,12 +34,11 @@ from embstore.errors import (
     ReadOnlyError, ShapeError,
 )
 from embstore.optim import FTRL, SGD, Adagrad, Adam, PiecewiseConstant
-from embstore.training import read_slot
+from embstore.writer.optimizer_steps import read_slot
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from torture import FaultyIO  # noqa: E402  (the one fault-injecting LogIO)
+from embstore.faultyfs import FaultyFileSystem
 
-from conftest import lazy_adam_reference  # noqa: E402
+from conftest import lazy_adam_reference
 
 N_ROWS, DIM, BATCH, STEPS = 1000, 16, 256, 50
 
@@ -87,7 +86,7 @@ def train(table: embstore.Table, opt: Any, todo) -> None:
 
 
 def log_end(store: embstore.Store) -> int:
-    return store.writer.wal.end_lsn
+    return store._writer.log.end_lsn
 
 
 def run_in_child(fn: Callable[[], None]) -> None:
@@ -224,7 +223,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path, name, how):
         run_in_child(child)
     with embstore.open(path, "r+") as store:
         assert store["t"].step == 20
-        assert store["t"].meta.optimizer["name"] == name
+        assert store["t"]._meta.optimizer["name"] == name
         train(store["t"], OPTIMIZERS[name](), todo[20:])
     with embstore.open(path, "r") as store:
         got = state_of(store, OPTIMIZERS[name]())
@@ -245,7 +244,7 @@ def test_switching_optimizer_on_a_trained_table_is_refused(tmp_path):
 
 def test_keyed_table_training_initialises_new_keys(tmp_path):
     """A new key starts at its seeded initial row (missing="init") and then takes the step."""
-    from embstore.index import init_rows as seeded
+    from embstore.keys import init_rows as seeded
     with embstore.create(tmp_path / "s") as store:
         k = store.create_table("k", 8, key_type="int64", missing="init", init_seed=7,
                                rows_per_shard=16, chunk_rows=4)
@@ -286,7 +285,7 @@ def test_update_keyed_inserts_and_replaces(tmp_path):
         k.update(np.append(keys, -1), np.arange(41 * 4, dtype=np.float32).reshape(41, 4))
         assert k.num_rows == 42
         np.testing.assert_array_equal(k.gather([-1])[0], np.arange(160, 164))
-        np.testing.assert_array_equal(k.index.keys_of(k.index.lookup(keys)), keys)
+        np.testing.assert_array_equal(k._index.keys_of(k._index.lookup(keys)), keys)
     with embstore.open(tmp_path / "s") as store:
         k = store["k"]
         assert k.num_rows == 42
@@ -303,7 +302,7 @@ def test_bytes_keys_need_one_row_per_key(tmp_path):
                 b.update([b"x", b"y"], bad)
             with pytest.raises(ShapeError):
                 b.apply_gradients([b"x", b"y"], bad, "sgd")
-        assert b.num_rows == 0 and b.index.count == 0
+        assert b.num_rows == 0 and b._index.count == 0
         b.update(b"x", np.ones(4))  # one key, one bare row: fine
         b.update([b"y"], np.ones((1, 4)))
         assert b.num_rows == 2
@@ -359,7 +358,7 @@ def test_concurrent_writer_threads_serialize(tmp_path):
         for base in (1000, 2000, 3000):
             keys = np.arange(base, base + 240)
             np.testing.assert_array_equal(k.gather(keys)[:, 0], base + np.arange(240) // 4)
-        np.testing.assert_array_equal(k.index.keys_of(k.index.lookup(keys)), keys)
+        np.testing.assert_array_equal(k._index.keys_of(k._index.lookup(keys)), keys)
         assert store.check() == []
 
 
@@ -381,7 +380,7 @@ def loaded(tmp_path):
 def snapshot(store: embstore.Store) -> tuple:
     t, k = store["t"], store["k"]
     return (log_end(store), all_rows(t).tobytes(), all_rows(k).tobytes(), k.num_rows,
-            k.index.count, t.step)
+            k._index.count, t.step)
 
 
 def _nan(n=2):
@@ -457,10 +456,10 @@ def test_rejected_first_step_records_no_optimizer(tmp_path, ids, opt):
         bad = FTRL(PiecewiseConstant([5], [0.0, 0.1])) if isinstance(opt, Adam) else opt
         with pytest.raises((IdOutOfRangeError, DTypeError, InvalidArgumentError)):
             t.apply_gradients(np.array(ids), np.ones((1, DIM)), bad)
-        assert t.meta.optimizer is None and t.step == 0
-        assert store.all_table_names() == ["t"]
+        assert t._meta.optimizer is None and t.step == 0
+        assert store.info()["tables"].keys() == {"t"}
         t.apply_gradients([1], np.ones((1, DIM)), "sgd")  # any optimizer may still start
-        assert t.meta.optimizer["name"] == "sgd" and t.step == 1
+        assert t._meta.optimizer["name"] == "sgd" and t.step == 1
 
 
 def test_nan_skip_rows_writes_only_the_finite_rows(loaded):
@@ -515,7 +514,7 @@ def test_checkpoint_advances_manifest_and_recycles_the_log(tmp_path):
         assert len(wal_segments(path)) == 1  # everything below the checkpoint recycled
         want = all_rows(t)
     with embstore.open(path, "r+") as store:
-        assert store.writer.recovered_records == 0
+        assert store._writer.recovered_records == 0
         np.testing.assert_array_equal(all_rows(store["t"]), want)
         assert store.check() == []
 
@@ -539,58 +538,51 @@ def test_automatic_checkpoint_by_log_size(tmp_path):
         s["t"].update([0], np.zeros((1, DIM)))
     run_in_child(child)
     with embstore.open(path, "r+") as store:
-        assert store.writer.recovered_records == 1
+        assert store._writer.recovered_records == 1
         want[0] = 0
         np.testing.assert_array_equal(all_rows(store["t"]), want)
 
 
-def synced_shards(monkeypatch) -> list[str]:
-    """Names "table/shard-N" of the shard files fdatasync'd from now on."""
-    seen: list[str] = []
-    real = os.fdatasync
-
-    def recording(fd: int) -> None:
-        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        if target.name.startswith("shard-"):
-            seen.append(f"{target.parent.name}/{target.name}")
-        real(fd)
-    monkeypatch.setattr(os, "fdatasync", recording)
-    return seen
+def synced_shards(fs: FaultyFileSystem, since: int) -> list[str]:
+    """Names "table/shard-N" of the shard files fdatasync'd since fs.ops[since]."""
+    paths = [Path(p) for op, p in fs.ops[since:] if op == "fdatasync"]
+    return [f"{p.parent.name}/{p.name}" for p in paths if p.name.startswith("shard-")]
 
 
-def test_checkpoint_syncs_only_the_shards_written_since_the_last(tmp_path, monkeypatch):
+def test_checkpoint_syncs_only_the_shards_written_since_the_last(tmp_path):
     """A checkpoint fdatasyncs the shards that rows were written to, and nothing else; the
     rows are on disk after a crash (the log is recycled, so they must come from shards)."""
-    path = tmp_path / "s"
-    with embstore.create(path) as store:
+    path, fs = tmp_path / "s", FaultyFileSystem()
+    with embstore.create(path, fs=fs) as store:
         t = store.create_table("t", DIM, data=init_rows(), rows_per_shard=64)  # 16 shards
         store.create_table("idle", DIM, data=init_rows(1), rows_per_shard=64)
         store.checkpoint()
-        seen = synced_shards(monkeypatch)
+        mark = len(fs.ops)
         t.update([70, 71, 700], np.full((3, DIM), 2.5, np.float32))  # shards 1 and 10
         t.update([130], np.full((1, DIM), -1.0, np.float32))  # shard 2
         store.checkpoint()
-        assert sorted(seen) == ["t/shard-000001.emb", "t/shard-000002.emb",
-                                "t/shard-000010.emb"]
-        seen.clear()
+        assert sorted(synced_shards(fs, mark)) == [
+            "t/shard-000001.emb", "t/shard-000002.emb", "t/shard-000010.emb"]
+        mark = len(fs.ops)
         store.checkpoint()  # nothing written since: no shard to sync
-        assert seen == []
+        assert synced_shards(fs, mark) == []
         ids = np.arange(0, N_ROWS, 3)  # a spread over every shard marks each one
         t.update(ids, np.zeros((len(ids), DIM), np.float32))
         store.checkpoint()
-        assert sorted(seen) == [f"t/shard-{i:06d}.emb" for i in range(16)]
+        assert sorted(synced_shards(fs, mark)) == [f"t/shard-{i:06d}.emb" for i in range(16)]
         want = all_rows(t)
     with embstore.open(path) as store:
         np.testing.assert_array_equal(all_rows(store["t"]), want)
 
 
-def test_append_syncs_only_the_shards_it_wrote(tmp_path, monkeypatch):
-    with embstore.create(tmp_path / "s") as store:
+def test_append_syncs_only_the_shards_it_wrote(tmp_path):
+    fs = FaultyFileSystem()
+    with embstore.create(tmp_path / "s", fs=fs) as store:
         t = store.create_table("t", DIM, data=init_rows(), rows_per_shard=64)  # 16 shards
-        seen = synced_shards(monkeypatch)
+        mark = len(fs.ops)
         t.append(np.ones((100, DIM), np.float32))  # rows 1000..1099: shards 15..17
-        assert sorted(seen) == ["t/shard-000015.emb", "t/shard-000016.emb",
-                                "t/shard-000017.emb"]
+        assert sorted(synced_shards(fs, mark)) == [
+            "t/shard-000015.emb", "t/shard-000016.emb", "t/shard-000017.emb"]
 
 
 def test_check_with_a_live_writer_counts_rows_published_since_the_checkpoint(tmp_path):
@@ -623,8 +615,8 @@ FAULTS = {
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_failed_log_write_refuses_commits_and_reopen_recovers(tmp_path, fault):
     op, err, partial = FAULTS[fault]
-    path = tmp_path / "s"
-    store = new_store(path)
+    path, fs = tmp_path / "s", FaultyFileSystem()
+    store = new_store(path, fs=fs)
     t = store["t"]
     k = store.create_table("k", DIM, key_type="int64", missing="zeros", rows_per_shard=16,
                            chunk_rows=4)
@@ -638,7 +630,7 @@ def test_failed_log_write_refuses_commits_and_reopen_recovers(tmp_path, fault):
         t.apply_gradients([900], np.ones((1, DIM), np.float32), SGD(1.0))
         model_t[900] -= 1
     before_failure = all_rows(t)
-    store.writer.wal._io = FaultyIO(op, 1, err, partial)
+    fs.fail(op, 1, err, path="*/wal/*", partial=partial)
     with pytest.raises(DurabilityError) as info:
         t.update([3, 4], np.full((2, DIM), 99, np.float32))  # in flight: may or may not stay
     assert info.value.errno == err
@@ -667,43 +659,35 @@ def test_failed_log_write_refuses_commits_and_reopen_recovers(tmp_path, fault):
         assert t.gather([3])[0, 0] == 1.5
 
 
-def test_failed_checkpoint_sync_refuses_commits_and_reopen_recovers(tmp_path, monkeypatch):
-    path = tmp_path / "s"
-    store = new_store(path)
+def test_failed_checkpoint_sync_refuses_commits_and_reopen_recovers(tmp_path):
+    path, fs = tmp_path / "s", FaultyFileSystem()
+    store = new_store(path, fs=fs)
     t = store["t"]
     t.update([1, 2], np.full((2, DIM), 7, np.float32))
-
-    def broken_sync(self):
-        raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(storage.ShardSet, "sync", broken_sync)
+    fs.fail("fdatasync", path="*/shard-*", errno=errno.EIO)
     with pytest.raises(DurabilityError, match="checkpoint failed"):
         store.checkpoint()
     with pytest.raises(DurabilityError):
         t.update([3], np.zeros((1, DIM)))
-    monkeypatch.undo()
     store.close()
     with embstore.open(path, "r+") as store:
         np.testing.assert_array_equal(store["t"].gather([1, 2]), np.full((2, DIM), 7))
         assert store.check() == []
 
 
-def test_failure_after_logging_poisons_the_store(tmp_path, monkeypatch):
+def test_failure_after_logging_poisons_the_store(tmp_path):
     """Regression: a commit whose record reached the log but failed while being applied
     (here: no disk space for a new shard of a growing keyed table) must poison the store.
     Before the fix, later commits reused the same row numbers for other keys and the store
     could no longer be opened (replay assigned one row to two keys)."""
-    path = tmp_path / "s"
-    store = embstore.create(path)
+    path, fs = tmp_path / "s", FaultyFileSystem()
+    store = embstore.create(path, fs=fs)
     k = store.create_table("k", 4, key_type="int64", missing="zeros", rows_per_shard=16,
                            chunk_rows=4)
     k.update(np.arange(16), np.ones((16, 4)))  # shard 0 full
-
-    def no_space(fd, size, path):
-        raise DurabilityError(errno.ENOSPC, f"cannot preallocate {size} bytes for {path}")
-    monkeypatch.setattr(storage, "preallocate", no_space)
+    fs.fail("fallocate", path="*/tables/k/shard-*", errno=errno.ENOSPC)
     with pytest.raises(DurabilityError):
         k.update([100], np.full((1, 4), 2.0))  # logged, then failed to grow the table
-    monkeypatch.undo()
     with pytest.raises(DurabilityError):
         k.update([200], np.full((1, 4), 3.0))  # refused, not given row 16 as well
     store.close()
@@ -711,7 +695,7 @@ def test_failure_after_logging_poisons_the_store(tmp_path, monkeypatch):
         k = store["k"]
         assert k.num_rows == 17  # the logged record was replayed
         np.testing.assert_array_equal(k.gather([100])[0], [2.0] * 4)
-        np.testing.assert_array_equal(k.index.keys_of(np.arange(17)), np.append(np.arange(16), 100))
+        np.testing.assert_array_equal(k._index.keys_of(np.arange(17)), np.append(np.arange(16), 100))
         assert store.check() == []
 
 
@@ -811,7 +795,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule()
     def checkpoint(self) -> None:
         lsn = self.store.checkpoint()
-        assert lsn == self.store.checkpoint_lsn == self.store.writer.wal.end_lsn
+        assert lsn == self.store.checkpoint_lsn == self.store._writer.log.end_lsn
 
     @rule()
     def reopen(self) -> None:
@@ -843,8 +827,8 @@ class StoreMachine(RuleBasedStateMachine):
         assert k.num_rows == len(self.model.order)
         if self.model.order:
             keys = np.array(self.model.order)
-            np.testing.assert_array_equal(k.index.lookup(keys), np.arange(len(keys)))
-            np.testing.assert_array_equal(k.index.keys_of(np.arange(len(keys))), keys)
+            np.testing.assert_array_equal(k._index.lookup(keys), np.arange(len(keys)))
+            np.testing.assert_array_equal(k._index.keys_of(np.arange(len(keys))), keys)
             np.testing.assert_array_equal(k.gather(keys),
                                           np.stack([self.model.keyed[x] for x in keys]))
 

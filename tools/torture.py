@@ -60,7 +60,8 @@ import numpy as np
 import embstore
 from embstore.errors import DurabilityError, FormatError
 from embstore.optim import SGD
-from embstore.wal import HDR, LogIO, WriteAheadLog
+from embstore.faultyfs import FaultyFileSystem
+from embstore.log import HDR, WriteAheadLog
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tools") not in sys.path:
@@ -197,7 +198,7 @@ def is_applied(store: Any, seed: int, n: int) -> bool:
             raise AssertionError(f"op {n}: 'g' is at step {step}, expected {before} or "
                                  f"{before + 1}")
         return step == before + 1
-    found = store["k"].index.lookup(new_keys(n)) >= 0
+    found = store["k"].rows_of(new_keys(n)) >= 0
     if found.any() != found.all():
         raise AssertionError(f"op {n}: only {found.sum()} of {len(found)} new keys present")
     return bool(found.all())
@@ -222,7 +223,7 @@ def verify(store: Any, model: Model, allowed: "Allowed | None" = None) -> int:
         if torn_rows(rows):
             raise AssertionError(f"{torn_rows(rows)} torn rows in {name!r}")
     keys = np.array(allowed.order if allowed else model.order, np.int64)
-    n_keys = k.index.count
+    n_keys = k.num_keys
     if k.num_rows != n_keys:
         raise AssertionError(f"'k' has {k.num_rows} rows but {n_keys} keys")
     if allowed is None and n_keys != len(keys):
@@ -231,10 +232,10 @@ def verify(store: Any, model: Model, allowed: "Allowed | None" = None) -> int:
         raise AssertionError(f"'k' has {n_keys} keys, expected {len(model.order)}..{len(keys)}")
     present = keys[:n_keys]
     if n_keys:
-        rows = k.index.lookup(present)
+        rows = k.rows_of(present)
         if not np.array_equal(rows, np.arange(n_keys)):
             raise AssertionError("key index is not the expected one-to-one mapping")
-        if not np.array_equal(k.index.keys_of(rows), present):
+        if not np.array_equal(k.keys_of(rows), present):
             raise AssertionError("keys_of(lookup(keys)) != keys")
     kv = k.gather(present) if n_keys else np.zeros((0, DIM), np.float32)
     if torn_rows(kv):
@@ -307,11 +308,13 @@ def worker(path: str, seed: int, ack: int, fault: tuple[str, int, int], conn: An
 
     try:
         say("open")
-        store = embstore.open(path, "r+")
+        fs = FaultyFileSystem()
+        store = embstore.open(path, "r+", fs=fs)
         start = ack + 1 if is_applied(store, seed, ack) else ack
         say(f"start {start}")
-        if fault[0] != "-":
-            store.writer.wal._io = FaultyIO(*fault)
+        if fault[0] != "-":  # the log's I/O fails once, at the nth call of one operation
+            op, nth, err = fault
+            fs.fail(op, nth, err, path=f"{path}/wal/*")
         n = start
         while True:
             try:
@@ -332,44 +335,6 @@ def worker(path: str, seed: int, ack: int, fault: tuple[str, int, int], conn: An
     except BaseException:
         say("error " + traceback.format_exc())
         os._exit(1)
-
-
-class FaultyIO(LogIO):
-    """Log I/O that fails the nth call (1-based) of one operation with errno ``err``. With
-    ``partial`` a failing pwritev first writes half of its group to the file; with
-    ``short`` every pwritev writes only part of what it is given, as the kernel may
-    without an error. The torture's writers and tests/test_wal.py, test_writepath.py use
-    it."""
-
-    def __init__(self, op: str, nth: int, err: int = errno.EIO, partial: bool = False,
-                 short: bool = False) -> None:
-        self.op, self.nth, self.err, self.partial, self.short = op, nth, err, partial, short
-        self.calls: dict[str, int] = {}
-
-    def _hit(self, op: str) -> bool:
-        self.calls[op] = self.calls.get(op, 0) + 1
-        return op == self.op and self.calls[op] == self.nth
-
-    def pwritev(self, fd, buffers, offset):
-        if self.short:
-            first = memoryview(buffers[0])
-            return os.pwritev(fd, [first[:max(1, len(first) // 3)]], offset)
-        if self._hit("pwritev"):
-            if self.partial:  # half of the group reaches the file, then the disk is full
-                data = b"".join(bytes(b) for b in buffers)
-                os.pwrite(fd, data[:len(data) // 2], offset)
-            raise OSError(self.err, os.strerror(self.err))
-        return super().pwritev(fd, buffers, offset)
-
-    def fdatasync(self, fd):
-        if self._hit("fdatasync"):
-            raise OSError(self.err, os.strerror(self.err))
-        super().fdatasync(fd)
-
-    def fallocate(self, fd, offset, length):
-        if self._hit("fallocate"):
-            raise OSError(self.err, os.strerror(self.err))
-        super().fallocate(fd, offset, length)
 
 
 FAULT_KINDS = [("pwritev", errno.EIO), ("pwritev", errno.ENOSPC), ("fdatasync", errno.EIO),
@@ -424,8 +389,8 @@ class Driver:
         # (The server does not see sys.path changes, so preload installed modules only.)
         # Under pytest each child also re-runs pytest's __main__, so preload pytest too.
         self.ctx.set_forkserver_preload(
-            ["numpy", "lmdb", "embstore", "embstore.index", "embstore.optim", "embstore.wal",
-             "embstore.training"] + [m for m in ("pytest",) if m in sys.modules])
+            ["numpy", "lmdb", "embstore", "embstore.keys", "embstore.optim", "embstore.log",
+             "embstore.writer"] + [m for m in ("pytest",) if m in sys.modules])
 
     def _start(self, ack: int, fault: tuple[str, int, int]) -> tuple[Any, Any]:
         mine, theirs = self.ctx.Pipe(duplex=False)
@@ -606,7 +571,7 @@ class Driver:
                                      f"{expect} operations") from exc
             return
         try:
-            got = covered + store.writer.recovered_records
+            got = covered + store._writer.recovered_records
             if expect == "refuse" or got != expect:
                 raise AssertionError(f"{how} at LSN {at} (checkpoint {ckpt}, end {end}): "
                                      f"recovered {got} operations, expected {expect}")

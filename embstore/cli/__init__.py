@@ -25,6 +25,7 @@ from embstore.cli._common import (
     PROG,
     Formatter,
     UserError,
+    in_cli_words,
 )
 
 __all__ = ["main", "build_parser"]
@@ -99,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE, debug)
     except UserError as exc:
         return _fail(str(exc), exc.code, debug)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, debug)
+    except KeyboardInterrupt as exc:  # the library says what state it left, if any
+        return _fail(str(exc) if str(exc).startswith("interrupted") else "interrupted", 130,
+                     debug)
     except BrokenPipeError:
         # the reader of our output went away (| head): not an error worth a message
         _silence_stdout()
@@ -114,7 +116,7 @@ def describe(exc: BaseException) -> tuple[str, int]:
     """One line and an exit code for an exception from the library or the OS."""
     from embstore import errors
 
-    text = str(exc) or type(exc).__name__
+    text = in_cli_words(str(exc) or type(exc).__name__)
     if isinstance(exc, errors.FormatError):
         return (f"{text} (the store or file is damaged: run '{PROG} check PATH')",
                 EXIT_DAMAGED)

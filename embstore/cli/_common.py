@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from embstore.progress import Progress
+
 PROG = "embstore-cli"
 
 # Exit codes (docs/CLI.md "Exit codes").
@@ -26,6 +28,25 @@ EXIT_USAGE = 2  # bad arguments or a user error (no store, no table, locked, bad
 EXIT_INTERNAL = 3  # a bug: an exception nobody expected (--debug shows the traceback)
 
 PROGRESS_DELAY_S = 1.0  # no bar for work that finishes within a second
+
+
+# The library words its hints for Python callers; the CLI shows them in its own words.
+PYTHON_TO_CLI = (
+    ("pass ignore_ids=True", "pass --ignore-ids"),
+    ("create one with embstore.create(path)",
+     "create one with 'embstore-cli import PATH TABLE FILE --create'"),
+    ("open with mode='r' to read",
+     "commands that only read (info, stats, get, head, check, export, warm) work meanwhile"),
+    ("(missing='raise', fixed when the table was created): insert the key first",
+     "(fixed when the table was created): import the key first"),
+)
+
+
+def in_cli_words(message: str) -> str:
+    """A library message with its Python hints put the way a CLI user acts on them."""
+    for python, cli in PYTHON_TO_CLI:
+        message = message.replace(python, cli)
+    return message
 
 
 class UserError(Exception):
@@ -183,41 +204,9 @@ def print_json(obj: Any) -> None:
 # --- progress -------------------------------------------------------------------------------
 
 
-class Bar:
-    """A tqdm bar on stderr when it is a terminal, shown only once work passes a second;
-    silent otherwise. Callable as ``bar(done, total)`` for the library's ``progress=``."""
-
-    def __init__(self, total: int, label: str, unit: str = "row",
-                 enabled: bool = True) -> None:
-        self.bar: Any = None
-        self.done = 0
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:  # the bar is a nicety; the work goes on without it
-                return
-            self.bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True,
-                            unit_divisor=1024 if unit == "B" else 1000,
-                            file=sys.stderr, leave=False, delay=PROGRESS_DELAY_S)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def __call__(self, done: int, total: int) -> None:
-        self.update(done - self.done)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __enter__(self) -> "Bar":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def progress_bar(total: int, label: str, unit: str = "row") -> Progress:
+    """The library's progress helper as a CLI bar: on a terminal, after a second."""
+    return Progress(total, label, True, unit, PROGRESS_DELAY_S)
 
 
 class Timer:

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from embstore.progress import Progress
 from embstore.cli._common import (
-    Bar,
+    progress_bar,
     Formatter,
     UserError,
     add_json,
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 def bench_table(table: Any, args: argparse.Namespace) -> dict[str, Any]:
     n = table.num_rows
     if table.key_type is not None:
-        n = min(n, table.index.count)
+        n = min(n, table.num_keys)
     if n == 0:
         return {"skipped": "empty table"}
     budget = args.cache_bytes if args.cache_bytes is not None else \
@@ -97,10 +98,10 @@ def bench_table(table: Any, args: argparse.Namespace) -> dict[str, Any]:
              "zipf": zipf_ids(rng, n, shape, args.zipf)}
     read, how = reader(table)
     out = np.empty((args.batch, table.dim), np.float32)
-    result: dict[str, Any] = {"rows": n, "dim": table.dim, "dtype": table.dtype,
+    result: dict[str, Any] = {"rows": n, "dim": table.dim, "dtype": table.storage_dtype,
                               "read_by": how, "cache_bytes": budget}
     passes = 2 * 2 * (args.repeats + 1) * args.batches
-    with Bar(passes * args.batch, f"bench {table.name}") as bar:
+    with progress_bar(passes * args.batch, f"bench {table.name}") as bar:
         for dist, ids in draws.items():
             batches = [read_input(table, b, how) for b in ids]
             result[dist] = {}
@@ -131,10 +132,10 @@ def reader(table: Any) -> tuple[Any, str]:
 
 
 def read_input(table: Any, rows: np.ndarray, how: str) -> np.ndarray:
-    return table.index.keys_of(rows) if how == "key" else rows
+    return table.keys_of(rows) if how == "key" else rows
 
 
-def timed(read: Any, batches: list[np.ndarray], out: np.ndarray, bar: Bar) -> float:
+def timed(read: Any, batches: list[np.ndarray], out: np.ndarray, bar: Progress) -> float:
     start = time.perf_counter()
     for ids in batches:
         read(ids, out=out)

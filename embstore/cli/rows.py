@@ -96,7 +96,7 @@ def run_head(args: argparse.Namespace) -> int:
         result: dict[str, Any] = {"ids": ids, "vectors": table.gather_rows(ids)}
         if table.key_type is not None:
             # int64 form: for bytes tables that is the BLAKE2b-64 hash of the key
-            result["keys"] = table.index.keys_of(ids) if len(ids) else ids
+            result["keys"] = table.keys_of(ids) if len(ids) else ids
         _show(table, result, args)
     return 0
 
@@ -113,14 +113,14 @@ def _by_keys(table: Any, tokens: list[str], bytes_keys: bool) -> dict[str, Any]:
         keys = parse_int_keys(tokens)
         shown = keys.tolist()
     vectors = table.gather(keys)
-    rows = table.index.lookup(table.index.to_int64(keys))
+    rows = table.rows_of(keys)
     return {"keys": shown, "rows": rows, "vectors": vectors}
 
 
 def _show(table: Any, result: dict[str, Any], args: argparse.Namespace) -> None:
     vectors = result["vectors"]
     if args.json:
-        print_json({"table": table.name, "dim": table.dim, "dtype": table.dtype,
+        print_json({"table": table.name, "dim": table.dim, "dtype": table.storage_dtype,
                     **{k: v for k, v in result.items() if k != "vectors"},
                     "vectors": vectors})
         return

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from embstore.cli._common import (
-    Bar,
+    progress_bar,
     Formatter,
     UserError,
     add_json,
@@ -87,15 +87,15 @@ def run(args: argparse.Namespace) -> int:
 
 def table_stats(table: Any, full: bool, sample: int, seed: int) -> dict[str, Any]:
     n = table.num_rows
-    acc = Accumulator(table.dtype, table.dim, 1 if not full else max(1, -(-n // NORMS_KEPT)))
+    acc = Accumulator(table.storage_dtype, table.dim, 1 if not full else max(1, -(-n // NORMS_KEPT)))
     sampled = not full and n > sample
-    with Bar(sample if sampled else n, f"stats {table.name}") as bar:
+    with progress_bar(sample if sampled else n, f"stats {table.name}") as bar:
         chunks = sample_chunks(table, sample, seed) if sampled else raw_chunks(table)
         for first, raw in chunks:
             acc.add(first, raw)
             bar.update(len(raw))
     result = acc.result()
-    result.update(num_rows=n, dim=table.dim, dtype=table.dtype, sampled=sampled,
+    result.update(num_rows=n, dim=table.dim, dtype=table.storage_dtype, sampled=sampled,
                   seed=seed if sampled else None)
     return result
 
@@ -106,24 +106,23 @@ def table_stats(table: Any, full: bool, sample: int, seed: int) -> dict[str, Any
 def raw_chunks(table: Any) -> Iterator[tuple[int, np.ndarray]]:
     """Every row as stored, in bounded chunks read with pread (what Table.iter_rows does,
     before decoding)."""
-    step = max(1, CHUNK_BYTES // table.meta.stride)
+    step = max(1, CHUNK_BYTES // table.info()["stride"])
     for first in range(0, table.num_rows, step):
-        yield first, table.shards.read_rows(first, min(step, table.num_rows - first))
+        yield first, table.read_encoded(first, min(step, table.num_rows - first))
 
 
 def sample_chunks(table: Any, sample: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
     """``sample`` distinct random rows (sorted, so reads walk each shard forward), as stored,
     read through a private read-only mapping per shard."""
-    from embstore.storage import SHARD_NAME
-
     ids = np.sort(np.random.default_rng(seed).choice(table.num_rows, sample, replace=False))
-    meta = table.meta
-    shard_of = ids // meta.rows_per_shard
+    info, files = table.info(), table.shard_files()
+    rps, stride = info["rows_per_shard"], info["stride"]
+    shard_of = ids // rps
     for shard in np.unique(shard_of):
-        local = ids[shard_of == shard] - shard * meta.rows_per_shard
-        header = meta.shard_header(int(shard))
-        rows = np.memmap(table.dir / SHARD_NAME.format(int(shard)), dtype=np.uint8, mode="r",
-                         offset=header.data_offset, shape=(meta.rows_per_shard, meta.stride))
+        local = ids[shard_of == shard] - shard * rps
+        path, data_offset, _used = files[int(shard)]
+        rows = np.memmap(path, dtype=np.uint8, mode="r", offset=data_offset,
+                         shape=(rps, stride))
         try:
             for i in range(0, len(local), 8192):
                 yield -1, np.asarray(rows[local[i:i + 8192]])
@@ -155,7 +154,7 @@ class Accumulator:
         self.range_counts: dict[str, int] = {}
 
     def add(self, first: int, raw: np.ndarray) -> None:
-        from embstore.dtypes import decode_rows
+        from embstore.codecs import decode_rows
 
         vals = decode_rows(raw, self.dtype, self.dim)
         self.rows += len(vals)

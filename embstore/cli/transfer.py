@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Iterator
-
-import numpy as np
+from typing import Any, Callable, TypeVar
 
 from embstore.cli._common import (
-    Bar,
     Formatter,
     Timer,
     UserError,
@@ -29,10 +26,12 @@ from embstore.cli._common import (
     fmt_seconds,
     open_store,
     print_json,
+    progress_bar,
 )
+from embstore.interop.sources import FORMATS, open_source
 
-FORMATS = ("npy", "parquet", "tfrecord")
-KEYED_BATCH = 65536  # rows per Table.insert: bounds one log record to ~16 MiB at dim 64
+T = TypeVar("T")
+
 SUFFIXES = {".npy": "npy", ".parquet": "parquet", ".pq": "parquet", ".tfrecord": "tfrecord",
             ".tfrecords": "tfrecord", ".tfr": "tfrecord"}
 
@@ -45,7 +44,8 @@ examples:
 
 The format comes from the file name (.npy, .parquet/.pq, .tfrecord/.tfrecords/.tfr) or
 --format. Parquet and TFRecord rows carry an int64 'id' and a float list 'embedding'
-(rename with --id-column / --vector-column).
+(rename with --id-column / --vector-column); a table keyed by bytes takes a Parquet
+string or binary 'id' column.
 """
 
 EXPORT_EPILOG = """\
@@ -120,21 +120,21 @@ def run_import(args: argparse.Namespace) -> int:
         embstore.create(args.path).close()  # --create makes whatever is missing
     with open_store(args.path, write=True) as store:
         created = False
-        source = None
         if args.table not in store:
             if not args.create:
                 raise UserError(f"no table {args.table!r} in {args.path}: pass --create "
                                 "(with --dim/--dtype) to make it")
-            source = open_source(fmt, src, args.dim, args)
-            store.create_table(args.table, source[1], dtype=args.dtype or "float32",
-                               key_type=args.key_type, expected_rows=source[0])
+            source = _input_errors(lambda: open_source(fmt, src, args.dim, args.id_column,
+                                                       args.vector_column), fmt)
+            store.create_table(args.table, source.dim, dtype=args.dtype or "float32",
+                               key_type=args.key_type, expected_rows=source.rows)
             created = True
         table = store.table(args.table)
         _check_shape_args(table, args)
         try:
             with Timer() as timer:
                 first = table.num_rows
-                count = load(table, fmt, src, args, source)
+                count = _input_errors(lambda: load(table, fmt, src, args), fmt)
         except BaseException:
             if created:
                 store.drop_table(args.table)
@@ -154,94 +154,34 @@ def run_import(args: argparse.Namespace) -> int:
 def _check_shape_args(table: Any, args: argparse.Namespace) -> None:
     if args.dim is not None and args.dim != table.dim:
         raise UserError(f"table {table.name!r} has dim {table.dim}, not --dim {args.dim}")
-    if args.dtype is not None and args.dtype != table.dtype:
-        raise UserError(f"table {table.name!r} stores {table.dtype}, not --dtype {args.dtype}")
+    if args.dtype is not None and args.dtype != table.storage_dtype:
+        raise UserError(f"table {table.name!r} stores {table.storage_dtype}, not --dtype "
+                        f"{args.dtype}")
 
 
-def open_source(fmt: str, path: Path, dim: int | None, args: argparse.Namespace
-                ) -> tuple[int, int, Iterator[tuple[np.ndarray | None, np.ndarray]]]:
-    """(rows, dim, chunks of (ids or None, float32 rows)) of an input file."""
-    from embstore.errors import FormatError
-
-    try:
-        return _open_source(fmt, path, dim, args)
-    except FormatError as exc:
-        raise UserError(f"{exc} (the input is damaged or not a {fmt} file)") from exc
-
-
-def _open_source(fmt: str, path: Path, dim: int | None, args: argparse.Namespace
-                 ) -> tuple[int, int, Iterator[tuple[np.ndarray | None, np.ndarray]]]:
-    if fmt == "npy":
-        from embstore.interop.npy import iter_npy_rows, read_npy_header
-
-        shape = read_npy_header(path)[0]
-        if len(shape) != 2:
-            raise UserError(f"{path} holds an array of shape {shape}: expected (rows, dim)")
-        total, chunks = iter_npy_rows(path, dim or int(shape[1]), 32 << 20)
-        return total, dim or int(shape[1]), ((None, c) for c in chunks)
-    if fmt == "parquet":
-        from embstore.interop.parquet import read_parquet
-
-        return read_parquet(path, dim, args.id_column, args.vector_column)
-    from embstore.interop.tfrecord import read_tfrecord
-
-    return read_tfrecord(path, dim, args.id_column, args.vector_column)
-
-
-def load(table: Any, fmt: str, path: Path, args: argparse.Namespace,
-         source: tuple[int, int, Iterator[Any]] | None = None) -> int:
-    total, _, chunks = source or open_source(fmt, path, table.dim, args)
-    chunks = _input_errors(chunks, fmt)
-    with Bar(total, f"import {table.name}") as bar:
-        if table.key_type is not None:
-            return _load_keyed(table, chunks, bar, path)
-        rows = (c for _, c in chunks) if args.ignore_ids else \
-            _checked_rows(chunks, table.num_rows, path)
-        table.append_chunks(rows, total, bar)
-    return total
-
-
-def _input_errors(chunks: Iterator[Any], fmt: str) -> Iterator[Any]:
+def _input_errors(call: Callable[[], T], fmt: str) -> T:
     """A damaged input file is the user's to replace, not store damage (exit 2)."""
     from embstore.errors import FormatError
 
     try:
-        yield from chunks
+        return call()
     except FormatError as exc:
         raise UserError(f"{exc} (the input is damaged or not a {fmt} file)") from exc
 
 
-def _checked_rows(chunks: Iterator[tuple[np.ndarray | None, np.ndarray]], first: int,
-                  path: Path) -> Iterator[np.ndarray]:
-    expect = first
-    for ids, rows in chunks:
-        if ids is not None:
-            want = np.arange(expect, expect + len(rows), dtype=np.int64)
-            bad = np.flatnonzero(ids != want)
-            if len(bad):
-                i = int(bad[0])
-                raise UserError(f"{path}: row {expect - first + i} has id {int(ids[i])} but "
-                                f"would become row {int(want[i])} of the table: pass "
-                                "--ignore-ids to append in file order")
-        expect += len(rows)
-        yield rows
-
-
-def _load_keyed(table: Any, chunks: Iterator[tuple[np.ndarray | None, np.ndarray]],
-                bar: Bar, path: Path) -> int:
-    insert = getattr(table, "insert", None)
-    if insert is None:
-        raise UserError(f"importing into keyed table {table.name!r} needs Table.insert, "
-                        "which is not supported by this version")
-    count = 0
-    for ids, rows in chunks:
-        if ids is None:
-            raise UserError(f"{path} has no ids: a keyed table needs a key per row")
-        for i in range(0, len(rows), KEYED_BATCH):  # one logged commit per batch
-            insert(ids[i : i + KEYED_BATCH], rows[i : i + KEYED_BATCH])
-            bar.update(len(rows[i : i + KEYED_BATCH]))
-        count += len(rows)
-    return count
+def load(table: Any, fmt: str, path: Path, args: argparse.Namespace) -> int:
+    """The Table import method for the format, with a progress bar (its total comes from
+    the library's first report)."""
+    with progress_bar(0, f"import {table.name}") as bar:
+        if fmt == "npy":
+            return len(table.import_npy(path, progress=bar))
+        if fmt == "parquet":
+            return table.import_parquet(path, progress=bar, id_column=args.id_column,
+                                        vector_column=args.vector_column,
+                                        ignore_ids=args.ignore_ids)
+        return table.import_tfrecord(path, progress=bar, id_feature=args.id_column,
+                                     vector_feature=args.vector_column,
+                                     ignore_ids=args.ignore_ids)
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -257,19 +197,15 @@ def run_export(args: argparse.Namespace) -> int:
     with open_store(args.path) as store:
         table = store.table(args.table)
         n = table.num_rows
-        with Timer() as timer, Bar(n, f"export {table.name}") as bar:
+        with Timer() as timer, progress_bar(n, f"export {table.name}") as bar:
             if fmt == "npy":
                 table.export_npy(dst, progress=bar)
             elif fmt == "parquet":
-                from embstore.interop.parquet import write_parquet
-
-                write_parquet(dst, id_chunks(table), n, table.dim, bar,
-                              id_column=args.id_column, vector_column=args.vector_column)
+                table.export_parquet(dst, progress=bar, id_column=args.id_column,
+                                     vector_column=args.vector_column)
             else:
-                from embstore.interop.tfrecord import write_tfrecord
-
-                write_tfrecord(dst, id_chunks(table), n, bar, id_name=args.id_column,
-                               vec_name=args.vector_column)
+                table.export_tfrecord(dst, progress=bar, id_feature=args.id_column,
+                                      vector_feature=args.vector_column)
     report = {"table": args.table, "file": str(dst), "format": fmt, "rows": n,
               "seconds": timer.seconds}
     if args.json:
@@ -278,14 +214,3 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"exported {fmt_count(n)} rows of {args.table} to {dst} in "
               f"{fmt_seconds(timer.seconds)} ({fmt_rate(n / max(timer.seconds, 1e-9))})")
     return 0
-
-
-def id_chunks(table: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, rows) in row order: row numbers, or keys for a keyed table."""
-    first = 0
-    for rows in table.iter_rows():
-        ids = np.arange(first, first + len(rows), dtype=np.int64)
-        if table.key_type is not None:
-            ids = table.index.keys_of(ids)
-        yield ids, rows
-        first += len(rows)

@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from embstore.progress import Progress
 from embstore.cli._common import (
-    Bar,
+    progress_bar,
     Formatter,
     Timer,
     add_json,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         plan = {name: files_of(store.table(name)) for name in names}
     total = sum(size for files in plan.values() for _, size in files)
     per_table: dict[str, dict[str, int]] = {}
-    with Timer() as timer, Bar(total, "warm", unit="B") as bar:
+    with Timer() as timer, progress_bar(total, "warm", unit="B") as bar:
         for name, files in plan.items():
             done = sum(warm_file(path, size, bar) for path, size in files)
             per_table[name] = {"files": len(files), "bytes": done}
@@ -79,23 +80,19 @@ def run(args: argparse.Namespace) -> int:
 
 def files_of(table: Any) -> list[tuple[Path, int]]:
     """(file, bytes in use) for each shard of a table, and its keys file if keyed."""
-    from embstore.storage import SHARD_NAME
-
-    meta = table.meta
+    stride = table.info()["stride"]
     out = []
-    for shard in range(meta.num_shards):
-        rows = min(max(table.num_rows - shard * meta.rows_per_shard, 0), meta.rows_per_shard)
+    for shard, (path, data_offset, rows) in enumerate(table.shard_files()):
         if rows == 0 and shard > 0:
             continue
-        used = meta.shard_header(shard).data_offset + rows * meta.stride
-        out.append((table.dir / SHARD_NAME.format(shard), used))
-    keys = table.dir / "index" / "keys.bin"
+        out.append((path, data_offset + rows * stride))
+    keys = table.directory / "index" / "keys.bin"
     if table.key_type is not None and keys.exists():
         out.append((keys, keys.stat().st_size))
     return out
 
 
-def warm_file(path: Path, size: int, bar: Bar) -> int:
+def warm_file(path: Path, size: int, bar: Progress) -> int:
     """Read [0, size) of a file once; returns the bytes read."""
     buf = bytearray(min(READ_BYTES, max(size, 1)))
     view = memoryview(buf)

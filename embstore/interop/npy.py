@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from numpy.lib import format as npformat
 
 from embstore.errors import DTypeError, FormatError, ShapeError, TruncatedFileError
-from embstore.progress import Progress
+from embstore.fs import REAL, FileSystem
+from embstore.progress import Progress, ProgressArg
 
 
 def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
@@ -75,19 +76,16 @@ def iter_npy_rows(path: Path, dim: int, chunk_bytes: int
 
 
 def write_npy_rows(path: Path, chunks: Iterator[np.ndarray], rows: int, dim: int,
-                   progress: bool | Callable[[int, int], None], label: str) -> None:
-    """Write float32 chunks as a .npy file; the final name appears only when complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f, Progress(rows, label, progress) as bar:
+                   progress: ProgressArg, label: str, fs: FileSystem = REAL) -> None:
+    """Write float32 chunks as a .npy file. The final name appears only when the file is
+    complete and synced; a failure (Ctrl-C included) leaves no file, not even FILE.tmp."""
+    with fs.atomic_file(path) as f, Progress(rows, label, progress) as bar:
         npformat.write_array_header_1_0(
             f, {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)})
         written = 0
         for chunk in chunks:
-            f.write(np.ascontiguousarray(chunk, dtype="<f4").data)
+            f.write(np.ascontiguousarray(chunk, dtype="<f4"))
             written += len(chunk)
             bar.update(len(chunk))
         if written != rows:
             raise ShapeError(f"exported {written} rows: expected {rows}")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -12,13 +12,13 @@ functions raise ``MissingExtraError`` naming ``pip install embstore[parquet]``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from embstore.errors import DTypeError, EmbstoreError, FormatError, ShapeError
+from embstore.fs import REAL, FileSystem
 from embstore.progress import Progress
 
 ID_COLUMN = "id"
@@ -69,9 +69,12 @@ def read_parquet(path: Path, dim: int | None = None, id_column: str | None = ID_
         raise DTypeError(f"{path}: column {vector_column!r} holds {vtype.value_type}: "
                          "expected floats")
     if id_column is not None and id_column in schema.names:
-        if not pa.types.is_integer(schema.field(id_column).type):
-            raise DTypeError(f"{path}: column {id_column!r} is "
-                             f"{schema.field(id_column).type}: expected integers")
+        itype = schema.field(id_column).type
+        if not (pa.types.is_integer(itype) or pa.types.is_string(itype)
+                or pa.types.is_large_string(itype) or pa.types.is_binary(itype)
+                or pa.types.is_large_binary(itype)):
+            raise DTypeError(f"{path}: column {id_column!r} is {itype}: expected integers "
+                             "(row numbers or int64 keys) or strings/binary (bytes keys)")
         columns = [id_column, vector_column]
     else:
         columns, id_column = [vector_column], None
@@ -104,10 +107,12 @@ def _first_dim(pf: Any, column: str, vtype: Any, path: Path, pa: Any) -> int:
 
 
 def _ids(col: Any, first: int, path: Path) -> np.ndarray:
+    """int64 ids, or an object array of str/bytes ids (the keys of a bytes table)."""
     if col.null_count:
         bad = first + int(np.flatnonzero(~np.asarray(col.is_valid()))[0])
         raise FormatError(f"row {bad} has a null id", str(path))
-    return np.asarray(col.to_numpy(zero_copy_only=False)).astype(np.int64, copy=False)
+    ids = np.asarray(col.to_numpy(zero_copy_only=False))
+    return ids if ids.dtype == object else ids.astype(np.int64, copy=False)
 
 
 def _vectors(col: Any, dim: int, first: int, path: Path) -> np.ndarray:
@@ -135,18 +140,17 @@ def _vectors(col: Any, dim: int, first: int, path: Path) -> np.ndarray:
 def write_parquet(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int,
                   dim: int, progress: bool | Callable[[int, int], None] = False,
                   label: str = "export", id_column: str = ID_COLUMN,
-                  vector_column: str = VECTOR_COLUMN) -> None:
+                  vector_column: str = VECTOR_COLUMN, fs: FileSystem = REAL) -> None:
     """Write (ids, float32 rows) chunks, one row group each; the final name appears only
     when the file is complete and synced."""
     pa, pq = _pyarrow()
     path = Path(path)
     schema = pa.schema([pa.field(id_column, pa.int64(), nullable=False),
                         pa.field(vector_column, pa.list_(pa.float32(), dim), nullable=False)])
-    tmp = path.with_name(path.name + ".tmp")
-    written = 0
-    try:
-        with Progress(rows, label, progress) as bar, \
-                pq.ParquetWriter(tmp, schema) as writer:
+
+    def write(tmp: Path) -> None:  # pyarrow writes the temp file by name itself
+        written = 0
+        with Progress(rows, label, progress) as bar, pq.ParquetWriter(tmp, schema) as writer:
             for ids, vecs in chunks:
                 vecs = np.ascontiguousarray(vecs, dtype=np.float32)
                 column = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)
@@ -157,12 +161,5 @@ def write_parquet(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], r
                 bar.update(len(vecs))
         if written != rows:
             raise ShapeError(f"exported {written} rows: expected {rows}")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    fs.atomic_external(path, write)

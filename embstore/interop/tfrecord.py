@@ -34,7 +34,6 @@ MAX_RECORD_BYTES; bytes_list features are skipped.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -42,6 +41,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from embstore.errors import ChecksumError, FormatError, ShapeError, TruncatedFileError
+from embstore.fs import REAL, FileSystem
 from embstore.progress import Progress
 
 MASK_DELTA = 0xA282EAD8
@@ -200,28 +200,20 @@ def _build_columns(head: bytes, prefix: bytes, mid: bytes, rows: np.ndarray, u: 
 
 def write_tfrecord(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int,
                    progress: bool | Callable[[int, int], None] = False, label: str = "export",
-                   id_name: str = ID_FEATURE, vec_name: str = VECTOR_FEATURE) -> None:
+                   id_name: str = ID_FEATURE, vec_name: str = VECTOR_FEATURE,
+                   fs: FileSystem = REAL) -> None:
     """Write (ids, rows) chunks as a TFRecord file; the final name appears only when the
     file is complete and synced."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     written = 0
-    try:
-        with open(tmp, "wb") as f, Progress(rows, label, progress) as bar:
-            for ids, vecs in chunks:
-                for i in range(0, len(vecs), 8 * BATCH):
-                    f.write(encode_records(ids[i : i + 8 * BATCH], vecs[i : i + 8 * BATCH],
-                                           id_name, vec_name))
-                written += len(vecs)
-                bar.update(len(vecs))
-            if written != rows:
-                raise ShapeError(f"exported {written} rows: expected {rows}")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with fs.atomic_file(Path(path)) as f, Progress(rows, label, progress) as bar:
+        for ids, vecs in chunks:
+            for i in range(0, len(vecs), 8 * BATCH):
+                f.write(encode_records(ids[i : i + 8 * BATCH], vecs[i : i + 8 * BATCH],
+                                       id_name, vec_name))
+            written += len(vecs)
+            bar.update(len(vecs))
+        if written != rows:
+            raise ShapeError(f"exported {written} rows: expected {rows}")
 
 
 # --- reading: frames ------------------------------------------------------------------------

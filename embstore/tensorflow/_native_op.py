@@ -152,10 +152,10 @@ def gather(ref: tf.Tensor, ids: tf.Tensor, dim: int, name: str | None = None) ->
 
 def bind(ref: bytes, table: Table) -> bool:
     lib = _state["lib"]
-    source = table.shards.source
+    source = table._shards.source
     if lib is None or source is None or table.key_type is not None:
         return False
-    meta = table.meta
+    meta = table._meta
     rc = lib.embstore_tf_bind(ref, len(ref), source, DTYPE_CODES[meta.dtype], meta.dim,
                               meta.stride, meta.rows_per_shard.bit_length() - 1,
                               meta.chunk_rows.bit_length() - 1)

@@ -166,7 +166,7 @@ def _where_from(path: str) -> str:
 def resolve(ref: bytes) -> Table:
     """The open table a reference names in this process (see the module docstring)."""
     table = _tables.get(ref)
-    if table is not None and table.shards.source is not None:
+    if table is not None and table._shards.source is not None:
         return table
     saved, name = parse_ref(ref)
     with _lock:

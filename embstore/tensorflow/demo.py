@@ -218,7 +218,7 @@ def main_with(args: Any) -> int:
     cfg = Config(users=args.users, items=args.items, dim=args.dim, batch=args.batch,
                  steps=args.steps, epochs=args.epochs, learning_rate=args.learning_rate,
                  cache_fraction=args.cache_fraction, topk=args.topk, seed=args.seed)
-    from embstore.demo import demo_store_path
+    from embstore.demo_paths import demo_store_path
     with demo_store_path(args.path) as path:
         run(path, cfg)
     return 0

@@ -75,7 +75,7 @@ import tensorflow as tf
 
 from embstore.errors import EmbstoreError, InvalidArgumentError, StoreClosedError
 from embstore.optim import SparseOptimizer, get_optimizer, optimizer_from_config
-from embstore.store import Store
+from embstore.store import Store, store_of
 from embstore.table import Table
 from embstore.tensorflow import _native_op, _registry
 
@@ -267,9 +267,9 @@ def table_ref(table_or_path: Any, table: str | None = None) -> TableRef:
     if isinstance(table_or_path, TableRef):
         return table_or_path
     if isinstance(table_or_path, Table):
-        _registry.register_store(table_or_path.store)
+        _registry.register_store(store_of(table_or_path))
         t = table_or_path
-        return TableRef(str(t.store.path), t.name, t.dim, t.key_type, t.cache is not None)
+        return TableRef(str(store_of(t).path), t.name, t.dim, t.key_type, t._cache is not None)
     if isinstance(table_or_path, Store):
         _registry.register_store(table_or_path)
         store = table_or_path
@@ -287,7 +287,7 @@ def table_ref(table_or_path: Any, table: str | None = None) -> TableRef:
     t = store.table(table)
     saved = os.fspath(table_or_path) if isinstance(table_or_path, (str, os.PathLike)) \
         else str(store.path)
-    return TableRef(saved, t.name, t.dim, t.key_type, t.cache is not None)
+    return TableRef(saved, t.name, t.dim, t.key_type, t._cache is not None)
 
 
 # --- dense gather ------------------------------------------------------------------------

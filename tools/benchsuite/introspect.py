@@ -19,46 +19,47 @@ import numpy as np
 
 # (module, attribute path, stage): the functions S4 wraps to time a step's stages.
 WRITE_STAGES = (
-    ("embstore.wal", "LogIO.fdatasync", "log fdatasync"),
-    ("embstore.wal", "LogIO.pwritev", "log write (pwritev)"),
-    ("embstore.wal", "WriteAheadLog.append", "log append (all)"),
-    ("embstore.writer", "encode_record", "encode"),
-    ("embstore.writer", "WritePath.pack", "encode"),
-    ("embstore.training", "encode_rows", "encode"),
-    ("embstore.training", "sum_duplicates", "optimizer: merge duplicate ids"),
+    ("embstore.fs", "FileSystem.fdatasync", "log fdatasync"),
+    ("embstore.fs", "FileSystem.pwritev", "log write (pwritev)"),
+    ("embstore.log.appender", "WriteAheadLog.append", "log append (all)"),
+    ("embstore.writer.core", "encode_record", "encode"),
+    ("embstore.writer.core", "Writer._pack", "encode"),
+    ("embstore.writer.updates", "encode_rows", "encode"),
+    ("embstore.writer.optimizer_steps", "sum_duplicates", "optimizer: merge duplicate ids"),
     ("embstore.optim", "SparseOptimizer.apply", "optimizer: update rule"),
     ("embstore.table", "Table.gather_rows", "gather"),
-    ("embstore.writer", "apply_entry", "scatter + publish"),
-    ("embstore.writer", "WritePath.maybe_checkpoint", "checkpoint"),
+    ("embstore.writer.core", "apply_entry", "scatter + publish"),
+    ("embstore.writer.core", "Writer.maybe_checkpoint", "checkpoint"),
 )
 
 
 def shard0(table: Any) -> tuple[Path, int]:
     """The first shard file of ``table`` and the byte offset of its first row."""
-    return table.dir / "shard-000000.emb", table.meta.shard_header(0).data_offset
+    path, offset, _rows = table.shard_files()[0]
+    return path, offset
 
 
 def stride(table: Any) -> int:
     """Bytes from one row to the next in a shard."""
-    return int(table.meta.stride)
+    return int(table.info()["stride"])
 
 
 def rows_per_shard(table: Any) -> int:
-    return int(table.meta.rows_per_shard)
+    return int(table.info()["rows_per_shard"])
 
 
 def num_shards(table: Any) -> int:
-    return int(table.meta.num_shards)
+    return int(table.info()["num_shards"])
 
 
 def index_bytes_per_key(table: Any) -> float | None:
     """RAM of a keyed table's in-memory hash per key (built on the first lookup)."""
-    return table.index.stats().get("bytes_per_key")
+    return table._index.stats().get("bytes_per_key")
 
 
 def key_rows(table: Any, keys: np.ndarray) -> np.ndarray:
     """Row ids of ``keys`` in a keyed table (-1 where a key is absent)."""
-    return table.index.lookup(keys)
+    return table._index.lookup(keys)
 
 
 def write_stage_hooks() -> list[tuple[Any, str, str]]:
@@ -93,13 +94,13 @@ def tf_op_path(native: bool) -> Iterator[None]:
 def row_source(module: Any, table: Any) -> Any:
     """A RowSource of the native row module ``module`` (one build of embstore._rows)
     over the shard mappings ``table`` already holds."""
-    from embstore.dtypes import DTYPE_CODES
+    from embstore.format import DTYPE_CODES
     from embstore.storage import HEADER_BYTES
-    meta = table.meta
+    meta = table._meta
     source = module.RowSource(DTYPE_CODES[meta.dtype], meta.dim, meta.stride,
                               meta.rows_per_shard.bit_length() - 1,
                               meta.chunk_rows.bit_length() - 1)
-    for index, mapping in enumerate(table.shards.maps):
+    for index, mapping in enumerate(table._shards.maps):
         source.add_shard(mapping, HEADER_BYTES, meta.shard_header(index).data_offset)
     source.set_num_rows(meta.num_rows)
     return source

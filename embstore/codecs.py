@@ -1,4 +1,5 @@
-"""Row codecs: float32 rows <-> the encoded bytes of a shard row (docs/FORMAT.md).
+"""Row codecs and argument checks: float32 rows <-> the encoded bytes of a shard row
+(docs/FORMAT.md "Row encodings"), and the validation of caller ids and rows.
 
 Encoding runs on the write path (import, append, update) and is done here with numpy.
 Decoding on the read path is done natively by ``embstore._rows``; the numpy decoders in
@@ -9,7 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from embstore.errors import DTypeError, InvalidArgumentError, NonFiniteError, ShapeError
+from embstore.errors import (
+    DTypeError,
+    IdOutOfRangeError,
+    InvalidArgumentError,
+    NonFiniteError,
+    ShapeError,
+)
 from embstore.format import DTYPE_CODES, row_stride
 
 STORAGE_DTYPES = tuple(DTYPE_CODES)
@@ -21,6 +28,29 @@ def check_dtype(dtype: str) -> str:
             f"unknown storage dtype {dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}"
         )
     return dtype
+
+
+def as_ids(ids: object, num_rows: int = -1, table: str = "") -> np.ndarray:
+    """Validate row ids: any integer array; returned C-contiguous int32/int64 of the same
+    shape (0-d stays 0-d). ``num_rows``/``table`` only word the error for uint64 ids
+    beyond int64."""
+    arr = np.asarray(ids)
+    if arr.size == 0 and arr.dtype == np.float64 and not isinstance(ids, np.ndarray):
+        arr = arr.astype(np.int64)  # an empty list: numpy's default dtype is float64
+    if arr.dtype.kind not in "iu":
+        raise DTypeError(
+            f"ids must be an int32 or int64 array, got dtype {arr.dtype}"
+            + (" (cast with ids.astype(np.int64) if the values are whole numbers)"
+               if arr.dtype.kind == "f" else "")
+        )
+    if arr.dtype not in (np.int32, np.int64):
+        if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+            flat = arr.reshape(-1)
+            bad = flat >= num_rows if num_rows >= 0 else flat > np.iinfo(np.int64).max
+            raise IdOutOfRangeError(int(flat[np.argmax(bad)]), num_rows, table)
+        arr = arr.astype(np.int64)
+    # np.ascontiguousarray returns at least 1-d: keep a 0-d id 0-d (result shape (dim,))
+    return np.ascontiguousarray(arr).reshape(arr.shape)
 
 
 def as_float_rows(rows: object, dim: int, what: str = "rows") -> np.ndarray:
@@ -103,6 +133,15 @@ def decode_rows(encoded: np.ndarray, dtype: str, dim: int) -> np.ndarray:
         return q * scale
     check_dtype(dtype)
     raise AssertionError("unreachable")
+
+
+def check_finite(rows: np.ndarray, table: str) -> None:
+    """Refuse NaN/Inf rows before anything is written, naming the first bad value."""
+    if not np.isfinite(rows).all():
+        bad = np.argwhere(~np.isfinite(rows))[0]
+        raise NonFiniteError(
+            f"row {int(bad[0])} holds {rows[tuple(bad)]} at column {int(bad[1])}: "
+            f"table {table!r} accepts only finite values")
 
 
 def roundtrip(rows: np.ndarray, dtype: str) -> np.ndarray:

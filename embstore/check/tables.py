@@ -1,0 +1,68 @@
+"""Checks of one table's files: every shard's header and size against the manifest, its
+key index, and that the index holds no more keys than the table has rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from embstore.check.keys import check_key_index
+from embstore.errors import EmbstoreError, Fault
+from embstore.format import HEADER_BYTES, check_shard_matches, unpack_live, unpack_shard_header
+from embstore.keys import KeyIndex
+from embstore.storage import LIVE_NAME, SHARD_NAME, TableMeta
+
+INDEX_DIR = "index"
+
+
+def published_rows(directory: Path, meta: TableMeta) -> int:
+    """Rows readers may see: the manifest's count, or more if a writer published rows
+    since its last checkpoint (the live file). A damaged live file counts for nothing
+    here; opening the table reports it."""
+    path = directory / LIVE_NAME
+    try:
+        rows, _lsn, _shards = unpack_live(path.read_bytes(), str(path))
+    except (OSError, EmbstoreError):
+        return meta.num_rows
+    return max(meta.num_rows, rows)
+
+
+def check_shards(directory: Path, meta: TableMeta) -> list[Fault]:
+    faults: list[Fault] = []
+    for index in range(meta.num_shards):
+        path = directory / SHARD_NAME.format(index)
+        if not path.exists():
+            faults.append(Fault(str(path), None, "shard file is missing"))
+            continue
+        try:
+            with path.open("rb") as f:
+                header = unpack_shard_header(f.read(HEADER_BYTES), str(path),
+                                             path.stat().st_size)
+            check_shard_matches(header, meta.shard_header(index), str(path))
+        except EmbstoreError as exc:
+            faults.append(Fault.of(exc, path))
+    return faults
+
+
+def check_index_of(directory: Path, meta: TableMeta) -> list[Fault]:
+    """The key index of a keyed table, and its key count against the table's rows."""
+    faults: list[Fault] = []
+    try:
+        with KeyIndex.open(directory / INDEX_DIR, readonly=True) as index:
+            faults.extend(check_key_index(index))
+            count = index.count
+            # Read after the count: a live writer publishes rows before their keys, so
+            # rows published since the last checkpoint cover every key counted above.
+            rows = published_rows(directory, meta)
+            if count > rows:
+                faults.append(Fault(str(directory / INDEX_DIR), None,
+                                    f"index holds {count} keys but the table has {rows} rows"))
+    except EmbstoreError as exc:
+        faults.append(Fault.of(exc, directory / INDEX_DIR))
+    return faults
+
+
+def check_table(directory: Path, meta: TableMeta) -> list[Fault]:
+    faults = check_shards(directory, meta)
+    if meta.key_type is not None:
+        faults.extend(check_index_of(directory, meta))
+    return faults

@@ -1,0 +1,129 @@
+"""Dynamic-key index: int64 or bytes keys -> dense row ids, on disk and in memory.
+
+Key index format, version 1
+===========================
+
+A table keyed by arbitrary keys (not dense row numbers) keeps a *key index* directory
+with three entries. The table assigns rows sequentially: the n-th distinct key ever
+recorded gets row n-1. Rows are never removed or reused.
+
+``keys.lmdb/``  (LMDB environment: ``data.mdb``, ``lock.mdb``) -- the record of truth.
+``keys.bin``    dense row -> key array -- derived data, rebuilt from LMDB when in doubt.
+``writer.lock`` empty file; a writer holds an exclusive ``flock`` on it while open.
+
+LMDB environment ``keys.lmdb/``
+-------------------------------
+Two named sub-databases (``max_dbs`` >= 2):
+
+* ``meta``: ``b"format"`` -> ``b"embstore-keyindex"``; ``b"version"`` -> ASCII decimal
+  format version (``b"1"``); ``b"key_type"`` -> ``b"int64"`` or ``b"bytes"``.
+  A reader MUST reject a missing ``format`` or ``key_type``, and a version it does not
+  know (UnsupportedVersionError).
+* ``key2row``: one entry per key.
+  - int64 tables: key = the key's 8-byte big-endian two's complement encoding
+    (``struct.pack(">q", key)``).
+  - bytes tables: key = the raw key bytes, 1 to 511 bytes (LMDB's key size limit).
+    A ``str`` key is stored as its UTF-8 encoding, so ``"a"`` and ``b"a"`` are one key.
+  - value = the row as 8-byte little-endian unsigned integer. Any other length is a fault.
+  The entries MUST be one-to-one onto rows ``0 .. entries-1``.
+
+Every ``assign`` is one LMDB write transaction committed with a synced commit (the
+environment is opened with ``sync=True, metasync=True``), and only after that commit are
+the keys file and the in-memory hash extended. A crash between the two leaves LMDB ahead
+of the keys file, which the next open detects by count and repairs.
+
+Bytes keys in int64 form
+------------------------
+Lookups, the keys file and the in-memory hash work on int64 keys. A bytes key ``b`` maps
+to ``int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little", signed=True)``
+-- BLAKE2b with an 8-byte digest, no key, no salt, no person -- so every machine and
+process agrees. Two distinct bytes keys with equal int64 form are a *collision*; the
+second one's ``assign`` MUST fail (KeyCollisionError) and write nothing.
+
+Keys file ``keys.bin``
+----------------------
+All integers little-endian. A 64-byte header, then ``count`` int64 keys, row 0 first::
+
+    offset size field
+    0      8    magic        b"\\x93EMBKEYS" (0x93 catches 7-bit / text-mode transfers)
+    8      2    version      uint16, 1. Not the package version.
+    10     2    header_size  uint16, 64. The keys start here, 64-byte aligned.
+    12     4    key_type     uint32, 1 = int64, 2 = bytes (keys hold the int64 form)
+    16     8    count        uint64, rows recorded; <= MAX_KEYS = 2**32 - 2
+    24     4    data_crc     uint32, CRC-32 (zlib.crc32) of bytes [64, 64 + 8 * count)
+    28     32   reserved     MUST be zero
+    60     4    header_crc   uint32, CRC-32 (zlib.crc32) of bytes [0, 60)
+    64     8*count keys      int64, keys[row]
+
+* The file MUST be at least ``64 + 8 * count`` bytes. It MAY be longer: bytes past
+  ``64 + 8 * count`` are the remains of an interrupted append, MUST be ignored by readers
+  and are overwritten by the next append. The file never shrinks in place.
+* A reader MUST reject (and then rebuild from LMDB, see below): a file shorter than 64
+  bytes or than ``64 + 8 * count`` (TruncatedFileError); a wrong magic (BadMagicError);
+  a version other than 1 (UnsupportedVersionError); a header_size other than 64, a
+  key_type other than LMDB's, nonzero reserved bytes or count > MAX_KEYS (FormatError);
+  a header_crc or data_crc mismatch (ChecksumError); a count other than LMDB's
+  ``key2row`` entry count; and a key that occurs at two rows.
+* Append protocol (the writer, after the LMDB commit): ``pwrite`` the new keys at
+  ``64 + 8 * count``, then ``pwrite`` the header with the new count and
+  ``data_crc = zlib.crc32(new_key_bytes, old_data_crc)``. The data is written before the
+  header that covers it, so a reader that sees the new count also sees the keys. The
+  keys file is not fsynced per append (it is derived data; LMDB carries durability):
+  after a crash the CRCs or the count comparison catch any lost or reordered page.
+* A reader may read the header while the writer rewrites it; a header_crc mismatch on a
+  live file is retried a few times before it is treated as damage.
+* Rebuild: write a complete new file to ``keys.bin.tmp``, fsync it, rename it over
+  ``keys.bin``, fsync the directory. Readers that still map the old file notice the new
+  inode on ``refresh()`` and reload. A reader without write access rebuilds into a
+  private unlinked temporary file instead.
+
+In-memory hash (not stored)
+---------------------------
+Built lazily on the first lookup (opening stays O(1)): the keys are checked against
+``data_crc`` and inserted into an open-addressing table of uint32 slots holding
+``row + 1`` (0 = empty), linear probing, power-of-two capacity (>= 1024), load factor
+<= 0.7, slot = ``splitmix64_finalizer(key XOR seed) & (capacity - 1)`` with a random
+per-process seed. A candidate row is confirmed by ``keys[row] == key``.
+
+Seeded row initialiser ``init_rows``
+------------------------------------
+Deterministic initial values for new rows, identical on every machine and process.
+With ``mix64`` the splitmix64 finalizer (``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9;
+z ^= z >> 27; z *= 0x94D049BB133111EB; z ^= z >> 31``), all arithmetic mod 2**64,
+``K`` the key's two's complement uint64, ``S = seed mod 2**64``, column ``j`` from 0::
+
+    state  = mix64(mix64(S) ^ K)
+    u      = mix64(state + (j + 1) * 0x9E3779B97F4A7C15)
+    m      = int(u >> 40) - 2**23                   # top 24 bits, centred
+    value  = float32(float32(m) * 2**-23) * float32(scale)   # IEEE single, round to nearest
+
+``value`` lies in ``[-scale, scale)``; it depends on (seed, key, column) only, so a table
+widened later keeps the columns it had.
+
+Limitations
+-----------
+* At most MAX_KEYS = 2**32 - 2 keys per table (uint32 slots store row + 1).
+* Bytes keys: 1 to 511 bytes. A lookup of an *unknown* bytes key returns some row with
+  probability about n / 2**64 (its int64 form equals a recorded key's); use
+  ``lookup_exact`` where that matters. Assign detects every collision exactly.
+* RAM: 4 bytes a slot, 5.7 to 11.4 bytes a key; the keys file adds 8 bytes a key of
+  page cache, shared by all processes mapping it.
+* One writer per index (``writer.lock``); any number of reader processes. A reader sees
+  new keys after ``refresh()``.
+* If a writer died between its LMDB commit and its append, a reader opening the index
+  waits about 0.4 s for the append before it treats the keys file as stale; until a
+  writer reopens (and repairs), readers work from a private copy rebuilt from LMDB, which
+  costs O(n) at open and again whenever LMDB gains keys.
+* The keys file mapping reserves 32 GiB of address space (never committed memory), so
+  an index cannot be opened under a small ``ulimit -v``.
+* Opening the LMDB environment twice in one process breaks LMDB's locking, so this module
+  shares one environment per directory within a process.
+"""
+
+from embstore.keys.convert import bytes_key_hash
+from embstore.keys.index import KeyIndex
+from embstore.keys.initial import init_rows, init_rows_reference
+from embstore.keys.keyfile import HEADER_SIZE, MAX_KEYS
+
+__all__ = ["KeyIndex", "init_rows", "init_rows_reference", "bytes_key_hash", "MAX_KEYS",
+           "HEADER_SIZE"]

@@ -1,0 +1,520 @@
+"""The key index of a keyed table: int64 or bytes key -> dense row (spec: ``embstore.keys``).
+
+LMDB is the record of truth, ``keys.bin`` the derived row -> key array that a native
+hash serves lookups from. Writes go through the file seam (``embstore.fs``); LMDB's own
+commit and sync are announced to it as ``external`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import struct
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+import embstore._keyhash as _keyhash
+from embstore.errors import (
+    ChecksumError,
+    DTypeError,
+    DurabilityError,
+    FormatError,
+    IdOutOfRangeError,
+    InvalidArgumentError,
+    ReadOnlyError,
+    ShapeError,
+    StoreClosedError,
+    StoreExistsError,
+    StoreNotFoundError,
+    WriterLockedError,
+)
+from embstore.fs import REAL, FileSystem
+from embstore.keys.convert import (
+    MAX_BYTES_KEY,
+    as_bytes_list,
+    as_int_keys,
+    hash_bytes_keys,
+)
+from embstore.keys.keyfile import (
+    HEADER_SIZE,
+    KEY_TYPES,
+    MAX_KEYS,
+    keys_file_bytes,
+    pack_header,
+    unpack_header,
+)
+from embstore.keys.assign import check_existing, new_mapping
+from embstore.keys.record import KeyRecord
+
+log = logging.getLogger("embstore.keys")
+
+KEYS_FILE = "keys.bin"
+LMDB_DIR = "keys.lmdb"
+LOCK_FILE = "writer.lock"
+HEADER_RETRIES = 5  # a reader may catch the writer mid-header; retry before "damaged"
+COUNT_RETRIES = 12  # a reader may catch the writer between LMDB commit and append (~0.4 s)
+
+
+class KeyIndex:
+    """int64 or bytes key -> row, durable in LMDB, served by a native hash.
+
+    ``lookup`` is safe to call from many threads at once (the C hash takes a read lock
+    with the GIL released). Mutations (``assign``, ``refresh``, ``rebuild``) are
+    serialised by one lock.
+    """
+
+    def __init__(self, directory: str, readonly: bool, map_size: int,
+                 fs: FileSystem = REAL) -> None:
+        """Use :meth:`create` or :meth:`open`."""
+        self.directory = os.fspath(directory)
+        self._fs = fs
+        self.readonly = readonly
+        self.rebuilt: str | None = None  # why the keys file was last rebuilt, if it was
+        self._mutex = threading.RLock()
+        self._closed = False
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._tmp: Any = None  # private keys file of a reader that could not trust keys.bin
+        self._hash: Any = None
+        self._count = 0
+        self._data_crc = 0
+        self._hashed_crc = 0  # data_crc of the rows already in the hash
+        self._broken: str | None = None
+        self._keys_path = os.path.join(self.directory, KEYS_FILE)
+        self._lmdb_path = os.path.join(self.directory, LMDB_DIR)
+        if not os.path.isdir(self._lmdb_path):
+            raise StoreNotFoundError(f"{self.directory}: no key index here (missing {LMDB_DIR}/)")
+        try:
+            if not readonly:
+                self._take_writer_lock()
+            self._record = KeyRecord(self._lmdb_path, readonly, map_size, fs)
+        except BaseException:
+            self._unlock()
+            raise
+        try:
+            self.key_type = self._record.key_type
+            self._type_code = KEY_TYPES[self.key_type]
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- construction ---------------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike, key_type: str = "int64",
+               map_size: int = 1 << 34, fs: FileSystem = REAL) -> "KeyIndex":
+        """Make a new, empty index in ``directory`` (created if missing)."""
+        if key_type not in KEY_TYPES:
+            raise InvalidArgumentError(f"key_type must be one of {sorted(KEY_TYPES)}, got {key_type!r}")
+        directory = os.fspath(directory)
+        lmdb_path = os.path.join(directory, LMDB_DIR)
+        try:
+            if os.path.exists(os.path.join(directory, KEYS_FILE)):
+                raise FileExistsError
+            fs.mkdir(lmdb_path, parents=True)  # atomic: of two concurrent creators one fails
+        except FileExistsError:
+            raise StoreExistsError(f"{directory}: a key index already exists here") from None
+        KeyRecord.create(lmdb_path, key_type, map_size)
+        # LMDB is the truth and is complete now; the keys file is derived, so a crash
+        # before this point only means open() rebuilds an empty one.
+        fs.atomic_write(Path(directory, KEYS_FILE),
+                        keys_file_bytes(KEY_TYPES[key_type], np.zeros(0, np.int64)))
+        return cls(directory, readonly=False, map_size=map_size, fs=fs)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, readonly: bool = False,
+             map_size: int = 1 << 34, fs: FileSystem = REAL) -> "KeyIndex":
+        """Open an index. O(1): the hash is built on the first lookup."""
+        return cls(os.fspath(directory), readonly=readonly, map_size=map_size, fs=fs)
+
+    def _take_writer_lock(self) -> None:
+        path = os.path.join(self.directory, LOCK_FILE)
+        fd = self._fs.open(path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WriterLockedError(f"{path}: another writer has this key index open") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    # --- loading and repair ---------------------------------------------------------
+
+    def _read_header(self, fd: int, path: str) -> tuple[int, int]:
+        """Header of an open keys file, retrying a CRC mismatch (writer mid-update)."""
+        for attempt in range(HEADER_RETRIES):
+            try:
+                return unpack_header(os.pread(fd, HEADER_SIZE, 0), os.fstat(fd).st_size, path, self._type_code)
+            except ChecksumError:
+                if attempt == HEADER_RETRIES - 1:
+                    raise
+                time.sleep(0.002 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _load(self) -> None:
+        """Map keys.bin after checking its header and count against LMDB; else rebuild."""
+        try:
+            fd = self._fs.open(self._keys_path, os.O_RDONLY if self.readonly else os.O_RDWR)
+        except FileNotFoundError:
+            return self._repair("keys file is missing")
+        try:
+            for attempt in range(COUNT_RETRIES):
+                # Header first, LMDB second: LMDB commits before the header is written,
+                # so a healthy pair always has count <= entries here, and count < entries
+                # in a reader may just be a writer between its commit and its append.
+                count, crc = self._read_header(fd, self._keys_path)
+                entries = self._record.count()
+                if count >= entries or not self.readonly:
+                    break
+                time.sleep(0.005 * (attempt + 1))
+        except FormatError as exc:
+            os.close(fd)
+            return self._repair(f"keys file header is damaged: {exc}")
+        if count != entries:
+            os.close(fd)
+            return self._repair(f"keys file has {count} keys, LMDB has {entries}")
+        self._install(fd, count, crc)
+        if self._tmp is not None:  # keys.bin is sound again: leave degraded mode
+            self._tmp.close()
+            self._tmp = None
+
+    def _install(self, fd: int, count: int, crc: int) -> None:
+        """Adopt fd as the keys file: map it (O(1)); the hash fills on first use."""
+        if self._fd is not None:
+            self._fs.close(self._fd)
+        self._fd, self._count, self._data_crc = fd, count, crc
+        self._ino = os.fstat(fd).st_ino
+        self._hash = _keyhash.KeyHash(fd, HEADER_SIZE, MAX_KEYS, int.from_bytes(os.urandom(8), "little"))
+        self._hashed_crc = 0
+
+    def _repair(self, reason: str) -> None:
+        """Rebuild the keys file from LMDB: in place for a writer, privately for a reader."""
+        log.warning("%s: %s; rebuilding from %s", self._keys_path, reason, self._lmdb_path)
+        self.rebuilt = reason
+        keys = self._keys_from_lmdb()
+        if self.readonly:
+            try:  # remembered so refresh() can tell when the writer has replaced it
+                self._damaged_ino: int | None = os.stat(self._keys_path).st_ino
+            except FileNotFoundError:
+                self._damaged_ino = None
+            tmp = tempfile.TemporaryFile(prefix="embstore-keys-")  # unlinked: dies with us
+            tmp.write(keys_file_bytes(self._type_code, keys))
+            tmp.flush()
+            fd = os.dup(tmp.fileno())
+            if self._tmp is not None:
+                self._tmp.close()
+            self._tmp = tmp
+        else:
+            # Temp file, fsync, rename, fsync the directory: old or new, never a mix.
+            self._fs.atomic_write(self._keys_path, keys_file_bytes(self._type_code, keys))
+            fd = self._fs.open(self._keys_path, os.O_RDWR)
+        count, crc = self._read_header(fd, self._keys_path)
+        self._install(fd, count, crc)
+        self._broken = None
+
+    def _keys_from_lmdb(self) -> np.ndarray:
+        keys, rows, _, bad = self._record.scan()
+        n = len(rows)
+        ok = not bad and (n == 0 or (rows.min() == 0 and rows.max() == n - 1 and len(np.unique(rows)) == n))
+        if not ok:
+            raise FormatError("key2row is not one-to-one onto rows 0..n-1; cannot rebuild "
+                              "the keys file (run check() for details)", self._lmdb_path)
+        out = np.empty(n, np.int64)
+        out[rows] = keys
+        return out
+
+    def rebuild(self) -> None:
+        """Rewrite the keys file from LMDB and drop the hash (``check --fix``)."""
+        with self._mutex:
+            self._check_open()
+            if self.readonly:
+                raise ReadOnlyError(f"{self.directory}: rebuild needs the index open for writing")
+            self._repair("rebuild() was called")
+
+    # --- the hash -------------------------------------------------------------------
+
+    def _ensure_hash(self) -> Any:
+        """The hash holding rows [0, count), built or extended as needed."""
+        h = self._hash
+        if h is not None and h.count == self._count and h.capacity:
+            return h
+        with self._mutex:
+            self._check_open()
+            h = self._hash
+            if h.count == self._count and h.capacity:
+                return h
+            try:
+                self._extend_hash()
+            except ValueError as exc:  # ChecksumError, or a key at two rows
+                self._repair(f"keys are damaged: {exc}")
+                try:
+                    self._extend_hash()
+                except ValueError as again:  # LMDB itself holds a 64-bit collision
+                    raise FormatError(f"keys rebuilt from LMDB are still bad: {again}",
+                                      self._lmdb_path) from again
+            return self._hash
+
+    def _extend_hash(self) -> None:
+        h = self._hash
+        # Check only the rows new to the hash: CRC-32 extends over appended bytes.
+        crc = zlib.crc32(h.keys_view(self._count)[h.count:], self._hashed_crc)
+        if crc != self._data_crc:
+            raise ChecksumError("data_crc does not match the keys", self._keys_path, HEADER_SIZE)
+        h.extend(self._count)
+        self._hashed_crc = crc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self.directory}: key index is closed")
+
+    @property
+    def count(self) -> int:
+        """Keys recorded (as of the last assign or refresh)."""
+        return self._count
+
+    def to_int64(self, keys: Any) -> np.ndarray:
+        """Keys in int64 form, same shape: int keys as they are, bytes/str keys hashed."""
+        if self.key_type == "int64":
+            if isinstance(keys, (bytes, str)) or (isinstance(keys, np.ndarray) and keys.dtype.kind in "SUO"):
+                raise DTypeError("int64 table keys must be integers, got bytes/str/object keys")
+            return as_int_keys(keys)
+        if isinstance(keys, (bytes, str)):
+            seq, shape = (keys,), ()
+        elif isinstance(keys, np.ndarray) and keys.dtype.kind in "SUO":
+            seq, shape = keys.reshape(-1).tolist(), keys.shape
+        else:
+            seq = keys if isinstance(keys, (list, tuple)) else list(keys)
+            shape = (len(seq),)
+        try:  # fast path: bytes and str items hashed in C without a Python loop
+            return hash_bytes_keys(seq).reshape(shape)
+        except TypeError:
+            raw, _ = as_bytes_list(seq)  # bytearray, memoryview...; else DTypeError
+            return hash_bytes_keys(raw).reshape(shape)
+
+    def lookup(self, keys: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """Row of each int64 key, -1 where unknown. Any shape; ``out`` is reused if given."""
+        k = as_int_keys(keys)
+        if not k.flags.c_contiguous:
+            k = np.ascontiguousarray(k)
+        if out is None:
+            out = np.empty(k.shape, np.int64)
+        elif not isinstance(out, np.ndarray) or out.dtype != np.int64:
+            raise DTypeError(f"out must be an int64 array, got {getattr(out, 'dtype', type(out))}")
+        elif out.shape != k.shape or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ShapeError(f"out must be a writeable C-contiguous array of shape {k.shape}, got "
+                             f"shape {out.shape}")
+        self._ensure_hash().lookup(k.reshape(-1), out.reshape(-1))
+        return out
+
+    def lookup_exact(self, keys: Any) -> np.ndarray:
+        """Bytes tables: like ``lookup(to_int64(keys))`` but every hit is confirmed in
+        LMDB, so an unknown key never aliases a known one (slow path: one get a hit)."""
+        if self.key_type != "bytes":
+            return self.lookup(keys)
+        raw, shape = as_bytes_list(keys)
+        rows = self.lookup(hash_bytes_keys(raw))
+        hits = np.flatnonzero(rows >= 0)
+        for i, row in zip(hits, self._record.rows_of(raw, hits)):
+            if row != rows[i]:
+                rows[i] = -1
+        return rows.reshape(shape)
+
+    def keys_of(self, rows: Any) -> np.ndarray:
+        """The int64 key of each row (same shape)."""
+        self._check_open()
+        r = as_int_keys(rows, "rows")
+        count = self._count
+        if r.size and (r.min() < 0 or r.max() >= count):
+            bad = int(r.min()) if r.min() < 0 else int(r.max())
+            raise IdOutOfRangeError(bad, count, self.directory)
+        return np.take(self._hash.keys_view(count), r)
+
+    # --- writes ---------------------------------------------------------------------
+
+    def assign(self, keys: Any, rows: Any) -> None:
+        """Record key -> row for new keys; rows of new keys must be count..count+m-1.
+
+        Idempotent for mappings that already exist; a key already mapped elsewhere, a key
+        given two rows, or a row given two keys is InvalidArgumentError and nothing is
+        written. One synced LMDB transaction per call, then the keys file and the hash.
+        """
+        with self._mutex:
+            self._check_open()
+            if self.readonly:
+                raise ReadOnlyError(f"{self.directory}: key index is open read-only")
+            if self._broken:
+                raise DurabilityError(f"{self._keys_path}: {self._broken}; reopen or rebuild()")
+            raw: list[bytes] | None = None
+            if self.key_type == "bytes":
+                raw, _ = as_bytes_list(keys)
+                for b in raw:
+                    if not 1 <= len(b) <= MAX_BYTES_KEY:
+                        raise InvalidArgumentError(f"bytes keys must be 1..{MAX_BYTES_KEY} bytes, got {len(b)}")
+                k = hash_bytes_keys(raw)
+            else:
+                k = self.to_int64(keys).reshape(-1)
+            r = as_int_keys(rows, "rows").reshape(-1)
+            if r.size != k.size:
+                raise ShapeError(f"got {k.size} keys and {r.size} rows")
+            if k.size == 0:
+                return
+            found = self.lookup(k)
+            check_existing(k, r, found, raw, self._record)
+            new = np.flatnonzero(found < 0)
+            if new.size:
+                self._append(*new_mapping(k, r, raw, new, self._count))
+
+    def _append(self, keys_by_row: np.ndarray, lkeys: list[bytes]) -> None:
+        """LMDB commit first (the truth), then keys file data, then its header, then hash."""
+        count, m = self._count, keys_by_row.size
+        items = [(lk, struct.pack("<Q", count + i)) for i, lk in enumerate(lkeys)]
+        self._record.put(items)
+        data = keys_by_row.astype("<i8", copy=False).tobytes()
+        crc = zlib.crc32(data, self._data_crc)
+        try:
+            self._fs.pwrite_all(self._fd, data, HEADER_SIZE + 8 * count)
+            self._fs.pwrite_all(self._fd, pack_header(self._type_code, count + m, crc), 0)
+        except OSError as exc:
+            self._broken = f"keys file append failed after the LMDB commit ({exc})"
+            raise DurabilityError(f"{self._keys_path}: {self._broken}; the keys are recorded in "
+                                  "LMDB and the keys file is rebuilt on reopen") from exc
+        self._count, self._data_crc = count + m, crc
+        self._ensure_hash()
+
+    # --- readers, durability ------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Pick up keys another process added; returns the new count."""
+        with self._mutex:
+            self._check_open()
+            if self.readonly and self._tmp is not None:
+                # Degraded: our keys come from a private copy. Reload (O(n)) only when the
+                # writer replaced the damaged file or LMDB gained keys.
+                try:
+                    ino: int | None = os.stat(self._keys_path).st_ino
+                except FileNotFoundError:
+                    ino = None
+                if ino != self._damaged_ino or self._record.count() != self._count:
+                    self._load()
+            elif self.readonly:
+                try:
+                    replaced = os.stat(self._keys_path).st_ino != self._ino
+                    if not replaced:
+                        count, crc = self._read_header(self._fd, self._keys_path)
+                        replaced = count < self._count
+                except (OSError, FormatError):
+                    replaced = True
+                if replaced:
+                    self._load()  # the writer rebuilt the file, or ours cannot be trusted
+                else:
+                    self._count, self._data_crc = count, crc
+                if self._hash.capacity:
+                    self._ensure_hash()
+            return self._count
+
+    def sync(self) -> None:
+        """fsync the keys file and LMDB (assign already synced LMDB)."""
+        with self._mutex:
+            self._check_open()
+            if not self.readonly:
+                self._fs.fsync(self._fd)
+                self._record.sync()
+
+    def close(self) -> None:
+        """Release the mapping, LMDB and the writer lock. Idempotent."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            self._hash = None  # views handed out keep the mapping alive until they die
+            if self._fd is not None:
+                self._fs.close(self._fd)
+                self._fd = None
+            if self._tmp is not None:
+                self._tmp.close()
+            if getattr(self, "_record", None) is not None:
+                self._record.close()
+                self._record = None
+            self._unlock()
+
+    def __enter__(self) -> "KeyIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._count} keys"
+        return f"KeyIndex({self.directory!r}, {getattr(self, 'key_type', '?')}, {state})"
+
+    def stats(self) -> dict[str, float]:
+        """Hash shape and RAM, for benchmarks: count, capacity, bytes, displacement."""
+        self._check_open()
+        n, cap, mean, worst = self._ensure_hash().probe_stats()
+        return {"count": n, "capacity": cap, "hash_bytes": cap * 4,
+                "bytes_per_key": cap * 4 / n if n else 0.0, "mean_displacement": mean,
+                "max_displacement": worst}
+
+
+    # --- inspection (embstore.check) ------------------------------------------------
+
+    @contextlib.contextmanager
+    def inspect(self) -> Iterator["KeyIndex"]:
+        """Hold the index still (no assign, refresh or rebuild) while a check reads it."""
+        with self._mutex:
+            self._check_open()
+            yield self
+
+    @property
+    def keys_path(self) -> str:
+        return self._keys_path
+
+    @property
+    def lmdb_path(self) -> str:
+        return self._lmdb_path
+
+    @property
+    def private_copy(self) -> str | None:
+        """Why this reader serves keys from a private copy rebuilt from LMDB, if it does."""
+        return self.rebuilt if self._tmp is not None else None
+
+    def keys_file_size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def stored_header(self) -> tuple[int, int, int]:
+        """(count, data_crc, file size) as keys.bin holds them now; FormatError if bad."""
+        size = self.keys_file_size()
+        count, crc = unpack_header(os.pread(self._fd, HEADER_SIZE, 0), size, self._keys_path,
+                                   self._type_code)
+        return count, crc, size
+
+    def keys_view(self, count: int) -> np.ndarray:
+        """The first ``count`` keys of the mapped keys file (never past its end)."""
+        return self._hash.keys_view(count)
+
+    def scan_lmdb(self) -> tuple[np.ndarray, np.ndarray, list[bytes] | None, list[str]]:
+        """Every LMDB entry: (int64 keys, rows, raw bytes keys or None, malformed)."""
+        return self._record.scan()
+
+    def hashed_rows(self) -> np.ndarray | None:
+        """The row the in-memory hash gives for each key it holds, in row order (None
+        before the hash is built): row i must come back as i."""
+        h = self._hash
+        if not (h.capacity and h.count):
+            return None
+        got = np.empty(h.count, np.int64)
+        h.lookup(np.ascontiguousarray(h.keys_view(h.count)), got)
+        return got
