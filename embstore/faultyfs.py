@@ -12,6 +12,14 @@ operation (a ``FileSystem`` method name, or the name of an ``external()`` step s
 pwritev first write half of its bytes, as a disk that fills mid-write does;
 ``short_writes()`` makes every write return early without an error, as the kernel may.
 ``durable=False`` skips the syncs (still recorded) for tests that only need speed.
+
+Crash points (the torture harness, tools/torture): ``crash_at(k)`` stops the process with
+SIGKILL when the k-th recorded operation (1-based, counted over all operations) is about
+to run, so a sweep over k kills a workload at every file operation it makes, not at
+random moments; ``partial=True`` lets a pwritev at that point write half its bytes
+first, as a process killed inside a large write leaves. ``fail_at(k)`` fails the k-th
+operation, whatever it is, with an errno: a sweep over k fails every operation type.
+``on_op`` is called before every recorded operation with (index, op, path).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import errno as errnos
 import fnmatch
 import mmap
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
@@ -40,7 +49,7 @@ class Rule:
     fired: bool = False
 
     def matches(self, op: str, path: str) -> bool:
-        return not self.fired and op == self.op and (
+        return not self.fired and (op == self.op or self.op == "*") and (
             self.path is None or fnmatch.fnmatch(path, self.path))
 
 
@@ -54,6 +63,9 @@ class FaultyFileSystem(FileSystem):
         self.ops: list[tuple[str, str]] = []  # (operation, path) in call order
         self.short: str | None = None  # glob of paths whose writes come back short
         self._paths: dict[int, str] = {}
+        self._crash: tuple[int, bool] | None = None  # (op index, partial write first)
+        self.on_op: Callable[[int, str, str], None] | None = None
+        self.on_crash: Callable[[int, str, str], None] | None = None
 
     # --- arming -----------------------------------------------------------------------
 
@@ -63,6 +75,18 @@ class FaultyFileSystem(FileSystem):
         rule = Rule(op, nth, errno, path, partial)
         self.rules.append(rule)
         return rule
+
+    def fail_at(self, k: int, errno: int = errnos.EIO, partial: bool = False) -> Rule:
+        """Fail the k-th recorded operation from now, whatever it is (any path). A
+        failing pwritev with ``partial`` writes half of its bytes first."""
+        rule = Rule("*", k + len(self.ops), errno, None, partial)
+        self.rules.append(rule)
+        return rule
+
+    def crash_at(self, k: int, partial: bool = False) -> None:
+        """SIGKILL this process when the k-th recorded operation from now is about to run
+        (``partial``: a pwritev there writes half of its bytes first)."""
+        self._crash = (k + len(self.ops), partial)
 
     def short_writes(self, path: str = "*") -> None:
         """Every pwritev on a matching path writes only a third of its first buffer."""
@@ -74,16 +98,30 @@ class FaultyFileSystem(FileSystem):
     # --- the interception point -------------------------------------------------------
 
     def _call(self, op: str, path: str) -> Rule | None:
-        """Record the call; the rule it trips, if any (raised by the caller)."""
+        """Record the call; the rule it trips, if any (raised by the caller). At the crash
+        point the process dies here (a partial pwritev dies in pwritev, after writing)."""
+        if self.on_op is not None:
+            self.on_op(len(self.ops) + 1, op, path)
         self.calls[op] += 1
         self.ops.append((op, path))
+        if self._crash is not None and len(self.ops) == self._crash[0]:
+            if op == "pwritev" and self._crash[1]:
+                return Rule(op, 0, 0, None, True, fired=True)  # errno 0: write half, die
+            self._die(op, path)
         for rule in self.rules:
             if rule.matches(op, path):
                 rule.seen += 1
-                if rule.seen == rule.nth:
+                # a fail_at rule ("*") names an absolute operation index
+                if (len(self.ops) if rule.op == "*" else rule.seen) == rule.nth:
                     rule.fired = True
                     return rule
         return None
+
+    def _die(self, op: str, path: str) -> None:
+        """The crash point: no cleanup, no flush, no exit handlers, as kill -9 leaves it."""
+        if self.on_crash is not None:
+            self.on_crash(len(self.ops), op, path)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _check(self, op: str, path: Any) -> None:
         rule = self._call(op, os.fspath(path))
@@ -119,6 +157,8 @@ class FaultyFileSystem(FileSystem):
             if rule.partial:  # half of the bytes reach the file, then the disk is full
                 data = b"".join(bytes(b) for b in buffers)
                 os.pwrite(fd, data[: len(data) // 2], offset)
+            if rule.errno == 0:  # a crash point inside the write
+                self._die("pwritev", path)
             raise OSError(rule.errno, f"{os.strerror(rule.errno)} (injected)", path)
         if self.short is not None and fnmatch.fnmatch(path, self.short):
             first = memoryview(buffers[0]).cast("B")

@@ -1,12 +1,13 @@
-"""kill -9 crash tests of the write path (the long run with injected faults and damaged
-logs is ``tools/torture.py``; its short form runs here under the ``torture`` marker).
+"""kill -9 crash tests of the write path at random moments (the long run with injected
+faults and damaged logs is ``python -m tools.torture random-kills``; its short form runs
+here under the ``torture`` marker; the crash-point sweep is tests/torture/).
 
 Each trial reopens one store (recovering what the last writer left), continues a
 deterministic workload in a writer process and kills it with SIGKILL at a random moment,
 during recovery in some trials. After each checked reopen: every acknowledged operation is
 present (the one in flight may or may not be), no row is torn (rows are self-validating),
 the key index is one-to-one and agrees with num_rows, and ``store.check() == []``. See
-tools/torture.py for the workload and the checks.
+tools/torture/workload.py for the workload and the checks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import embstore
 from embstore.format import HEADER_BYTES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import torture  # noqa: E402
+from torture import random_kills as torture  # noqa: E402
 
 TRIALS = int(os.environ.get("EMBSTORE_CRASH_TRIALS", "200"))
 
