@@ -107,6 +107,12 @@ class Writer:
         tables = [self.catalog.get(e.table) for e in entries]
         try:
             lsn = self.log.append([self._pack(encode_record(entries))])
+            if self.log.durable_lsn < lsn and any(e.index_keys is not None for e in entries):
+                # Applying records new keys in LMDB with a synced commit: durable at once.
+                # Their log record must be durable first, or a power loss under
+                # sync="interval" keeps keys whose rows the lost record held (read as
+                # zeros). Found by the power-loss torture (tools/torture/powercuts.py).
+                self.log.sync()
         except DurabilityError as exc:
             self.failed = exc
             raise
