@@ -33,7 +33,13 @@ KNOWN = {
     "15.8": "writes through symlinks planted in the store",
     "15.9": "unbounded work on hostile input (huge counts, huge files, far row ids)",
     "15.10": "a DurabilityError while creating optimizer slot tables does not block "
-             "later commits",
+             "later commits (the harness also files here: every table set-up step -- "
+             "create_table, the optimizer binding of a first step, rename, drop -- lets "
+             "a bare OSError escape, does not block later commits, and a failed "
+             "create_table comes back, empty, at the next manifest commit)",
+    # found by this harness, not in issue 15, not fixed here (docs/RELIABILITY.md)
+    "new.1": "a failed write while opening a store for writing (LOCK, shard, log, key "
+             "index files) escapes as a bare OSError, not DurabilityError",
 }
 
 

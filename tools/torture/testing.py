@@ -19,10 +19,19 @@ def known(finding: str) -> pytest.MarkDecorator:
                              raises=TortureFailure, strict=False)
 
 
-def passed(report: Report) -> Report:
-    """Print the figures (visible with -s) and fail with the report if anything broke."""
+def passed(report: Report, known_ok: tuple[str, ...] = ()) -> Report:
+    """Print the figures (visible with -s) and fail with the report if anything broke.
+    Failures that all match findings in ``known_ok`` make the test xfail instead, named
+    after them: a sweep that meets a known finding at some points still fails on any
+    other failure."""
     print("\n" + report.summary())
-    return report.raise_if_failed()
+    unknown = [f for f in report.failures if f.known not in known_ok]
+    if unknown or not report.failures:
+        return report.raise_if_failed()
+    found = sorted({f.known for f in report.failures if f.known})
+    pytest.xfail("; ".join(f"known({k}): {KNOWN[k]}" for k in found)
+                 + f" ({len(report.failures)} failures)")
+    return report
 
 
 def caught(report: Report) -> Report:
