@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 import embstore
-from embstore.errors import DurabilityError, EmbstoreError
+from embstore.errors import DurabilityError
 from embstore.faultyfs import FaultyFileSystem
 
 from . import child, controls
@@ -221,7 +221,8 @@ def run(work: Path, f: Faults, log: Callable[[str], None] = lambda s: None) -> R
             partial = ops[k - 1] == "pwritev" and err == errno.ENOSPC
             res = child.run(_run, str(base), str(work / "trial"), f, (k, err, partial),
                             timeout=120)
-            case = f"k={k} ({ops[k - 1]} {errno.errorcode[err]}{', half written' if partial else ''})"
+            half = ", half written" if partial else ""
+            case = f"k={k} ({ops[k - 1]} {errno.errorcode[err]}{half})"
             _check_case(report, work, f, case, res, states)
     shutil.rmtree(work / "census", ignore_errors=True)
     shutil.rmtree(work / "trial", ignore_errors=True)

@@ -127,7 +127,8 @@ def _recover(say: Callable[[Any], None], mnt: str, acked: int) -> dict[str, Any]
 def run(work: Path, size_mb: int = 24, prealloc: bool = False,
         log: Callable[[str], None] = lambda s: None) -> Report:
     t0 = time.monotonic()
-    report = Report(f"T3 full tmpfs ({'preallocated, then the rest filled' if prealloc else 'growing'})")
+    how = "preallocated, then the rest filled" if prealloc else "growing"
+    report = Report(f"T3 full tmpfs ({how})")
     mnt = work / "tmpfs"
     why = mount_tmpfs(mnt, size_mb)
     if why is not None:
