@@ -14,6 +14,7 @@ cross a fork.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -67,6 +68,7 @@ def run(fn: Callable[..., Any], *args: Any, timeout: float = 120.0,
     if pid == 0:  # pragma: no cover - the child
         os.close(r)
         logging.disable(logging.WARNING)  # repairs log warnings; the report says what matters
+        faulthandler.disable()  # a signal here is a finding the parent reports, not a dump
         try:
             if mem_bytes:
                 resource.setrlimit(resource.RLIMIT_DATA, (mem_bytes, mem_bytes))
