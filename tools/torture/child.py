@@ -62,6 +62,28 @@ def run(fn: Callable[..., Any], *args: Any, timeout: float = 120.0,
         mem_bytes: int | None = None) -> ChildResult:
     """``fn(say, *args)`` in a forked child, bounded by ``timeout`` seconds and
     ``mem_bytes`` of data segment."""
+    return spawn(fn, *args, mem_bytes=mem_bytes).wait(timeout)
+
+
+class Running:
+    """A child started by ``spawn``: wait for it (bounded), or kill it."""
+
+    def __init__(self, pid: int, fd: int, t0: float) -> None:
+        self.pid, self.fd, self.t0 = pid, fd, t0
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> ChildResult:
+        """What the child said and how it ended; killed after ``timeout`` seconds."""
+        return _collect(self.pid, self.fd, time.monotonic(), timeout, self.t0)
+
+
+def spawn(fn: Callable[..., Any], *args: Any, mem_bytes: int | None = None) -> Running:
+    """Start ``fn(say, *args)`` in a forked child; it runs beside the caller."""
     r, w = os.pipe()
     t0 = time.monotonic()
     pid = os.fork()
@@ -81,12 +103,12 @@ def run(fn: Callable[..., Any], *args: Any, timeout: float = 120.0,
         finally:
             os._exit(0)
     os.close(w)
-    return _collect(pid, r, t0, timeout)
+    return Running(pid, r, t0)
 
 
-def _collect(pid: int, r: int, t0: float, timeout: float) -> ChildResult:
+def _collect(pid: int, r: int, start: float, timeout: float, t0: float) -> ChildResult:
     buf, timed_out = b"", False
-    deadline = t0 + timeout
+    deadline = start + timeout
     try:
         while True:
             left = deadline - time.monotonic()

@@ -40,6 +40,8 @@ KNOWN = {
     # found by this harness, not in issue 15, not fixed here (docs/RELIABILITY.md)
     "new.1": "a failed write while opening a store for writing (LOCK, shard, log, key "
              "index files) escapes as a bare OSError, not DurabilityError",
+    "new.2": "a reader with the store open sees rows go back to older versions while "
+             "another writer recovers (replay rewrites every logged version in order)",
 }
 
 
