@@ -3,8 +3,9 @@
 A harness that never fails proves nothing. Each test T1-T7 has at least one breakage
 here, a monkeypatch of one protocol step, applied only inside the child process that
 runs the control case (``apply(name)`` after the fork), so the parent and every other
-case run the real code. ``tests/torture/test_controls.py`` asserts that each test
-reports failures with its control applied.
+case run the real code. Each tests/torture/test_t*.py has a ``test_control_*`` that
+asserts its test reports failures with the control applied; tests/torture/
+test_controls.py checks that every control here has one.
 
 The breakages are the bug classes each test exists for: acknowledging before the log
 sync, recycling the log before the checkpoint is recorded, a rename whose directory is
