@@ -123,7 +123,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                          step_id=tf.constant(i, tf.int64))
         out["retry_steps"] = coordinator.schedule(again, args=(
             tf.constant(data["ids"][i]),)).fetch().tolist()
-    for i in range(args.first, args.first + args.steps):
+    if args.handshake:  # schedule every step at once; let the test kill the worker
+        results = [coordinator.schedule(train_step, args=(
+            tf.constant(i, tf.int64), tf.constant(data["ids"][i]), tf.constant(data["y"][i])))
+            for i in range(args.first, args.first + args.steps)]
+        results[1].fetch()
+        Path(args.handshake).write_text("kill the worker now")
+        coordinator.join()   # waits for the worker to come back; retries what it lost
+        out["losses"] = [float(r.fetch()) for r in results]
+        out["acked"] = list(range(args.first, args.first + args.steps))
+    for i in range(args.first, args.first + args.steps) if not args.handshake else ():
         result = coordinator.schedule(train_step, args=(
             tf.constant(i, tf.int64), tf.constant(data["ids"][i]), tf.constant(data["y"][i])))
         out["losses"].append(float(result.fetch()))  # acknowledged: durable on every shard
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", default=None)
     parser.add_argument("--restore", default=None)
     parser.add_argument("--retry", type=int, default=None)
+    parser.add_argument("--handshake", default=None, help="file written mid-run")
     parser.add_argument("--weights", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)

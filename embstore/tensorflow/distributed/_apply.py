@@ -20,6 +20,7 @@ knows exactly which steps it applied. A step id below zero means "no guard".
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -35,6 +36,7 @@ from embstore.tensorflow.ops import EmbstoreOpError
 __all__ = ["APPLY_TOKEN", "register_callbacks", "applied_steps"]
 
 APPLY_TOKEN = "embstore.sharded_apply.v1"  # part of saved graphs: never change its meaning
+_log = logging.getLogger("embstore.distributed")
 
 
 class _Guard:
@@ -93,8 +95,9 @@ def _apply_callback(ref: bytes, ids: np.ndarray, grads: np.ndarray, config: byte
         guard = _guard_for(ref)
         value = np.array([sid + 1], "<i8").view(np.uint8)
         with guard.lock:
-            if sid in guard.applied:
-                return np.int64(table.step)   # a retry of a step this shard applied
+            if sid in guard.applied:   # a retry of a step this shard applied
+                _log.warning("step %d was applied to %s before: skipped", sid, ref.decode())
+                return np.int64(table.step)
             before = table.step
             _seam.apply_gradients_marked(table, guard.marker, value, ids, grads, optimizer)
             if table.step != before:          # an empty step writes nothing, marks nothing

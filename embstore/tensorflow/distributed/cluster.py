@@ -41,14 +41,17 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def connect(cluster: dict[str, list[str]], *, task_type: str = "chief",
-            task_id: int = 0) -> tuple[Any, Any]:
+            task_id: int = 0, variable_partitioner: Any = None) -> tuple[Any, Any]:
     """``(ParameterServerStrategy, ClusterCoordinator)`` for ``cluster``, this process
-    being its coordinator (its ``chief`` task)."""
+    being its coordinator (its ``chief`` task). ``variable_partitioner`` goes to the
+    strategy (it splits the model's big dense variables; sharded tables are not
+    variables and do not need it)."""
     import tensorflow as tf
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id,
         rpc_layer="grpc")
-    strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
+    strategy = tf.distribute.experimental.ParameterServerStrategy(
+        resolver, variable_partitioner=variable_partitioner)
     return strategy, tf.distribute.coordinator.ClusterCoordinator(strategy)
 
 
