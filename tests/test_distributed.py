@@ -244,8 +244,11 @@ def test_sharded_lookup_reads_every_shard(local_shards):
                          for row in ids])
     np.testing.assert_array_equal(items.lookup(ids).numpy(), want)
     np.testing.assert_array_equal(tf.function(items.lookup)(tf.constant(ids)).numpy(), want)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="out of range"):
-        items.lookup([1001])
+    for bad in (1001, -1):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=f"row id.*{bad}.*out of range of sharded table"):
+            tf.function(items.lookup)(tf.constant([3, bad]))
+    assert items.lookup(tf.zeros([0, 2], tf.int64)).shape == (0, 2, 8)
     users = etfd.ShardedTable(smap, "users", devices=[None, None])
     keys = np.array([-300, 3, 10**12])   # two trained keys, one unknown ("init" row)
     got = users.lookup(keys).numpy()

@@ -285,7 +285,7 @@ def report(single: dict[str, Any], cluster: dict[str, Any], load: tuple) -> str:
                  f"direct call {statistics.median(single['apply_direct_ms']):.2f} ms "
                  "(medians per call)")
     lines.append(f"load average before/after: {load[0]} / {load[1]}; "
-                 f"native op: {single['native']}")
+                 f"native op: {single['native']}; tasks' malloc trim: {load[2]} MiB")
     return "\n".join(lines)
 
 
@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="training steps per round")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a small table, few rounds")
+    parser.add_argument("--malloc-trim-mb", type=int, default=256,
+                        help="the tasks' malloc tuning (0: glibc's defaults)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", default=None)
@@ -322,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = make_stores(Path(args.workdir), args.rows, args.dim)
     single = _child("single", args, ["--plain", paths["plain"]])
     with LocalCluster(paths["map"], num_workers=1, threads=1,
-                      log_dir=Path(args.workdir) / "logs") as cluster:
+                      log_dir=Path(args.workdir) / "logs",
+                      task_args=["--malloc-trim-mb", str(args.malloc_trim_mb)]) as cluster:
         result = _child("cluster", args, ["--map", paths["map"],
                                           "--cluster", json.dumps(cluster.cluster)])
     load1 = os.getloadavg()
     text = report(single, result, (tuple(round(x, 2) for x in load0),
-                                   tuple(round(x, 2) for x in load1)))
+                                   tuple(round(x, 2) for x in load1), args.malloc_trim_mb))
     print(text)
     Path(args.workdir, "results.json").write_text(json.dumps(
         {"single": single, "cluster": result, "load": [load0, load1], "args": vars(args)}))

@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="where this task mounts its shards")
     parser.add_argument("--ready-file", default=None, help="written when the server is up")
     parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads")
+    parser.add_argument("--malloc-trim-mb", type=int, default=256,
+                        help="glibc malloc trim threshold in MiB (0: glibc's default)")
     args = parser.parse_args(argv)
     cluster, tf_task = parse_cluster(args.cluster)
     job = args.job or (tf_task or {}).get("type")
@@ -40,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if job not in ("ps", "worker") or task is None:
         parser.error("give the job (ps or worker) and --task, or a TF_CONFIG with a task")
     return run_task(job, int(task), cluster, shard_map=args.map, root=args.root,
-                    ready_file=args.ready_file, threads=args.threads)
+                    ready_file=args.ready_file, threads=args.threads,
+                    malloc_trim_mb=args.malloc_trim_mb)
 
 
 if __name__ == "__main__":

