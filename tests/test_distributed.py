@@ -4,6 +4,7 @@ on 127.0.0.1 (tests/_dist_jobs.py is its coordinator)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -216,27 +217,37 @@ def test_check_reports_what_a_shard_lacks(tmp_path):
 # --- TensorFlow, in one process ---------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _mounted(smap: ShardMap):
+    """Every shard store of ``smap`` open for writing here and registered for the ops
+    (what one parameter server holding every shard would do); closed at the end."""
+    import embstore.tensorflow as etf
+    stores = ed.open_shards(smap, mode="r+")
+    try:
+        for store in stores.values():
+            etf.register_store(store)
+        yield stores
+    finally:
+        for store in stores.values():
+            store.close()
+        etf.close_stores()
+
+
 @pytest.fixture
 def local_shards(tmp_path):
     """A two-way shard set whose stores this process holds for writing, placed nowhere
     (every shard op runs here), the way a single parameter server would."""
     pytest.importorskip("tensorflow")
-    import embstore.tensorflow as etf
     smap, data = _trained_set(tmp_path / "two")
-    stores = ed.open_shards(smap, mode="r+")
-    for store in stores.values():
-        etf.register_store(store)
-    yield smap, data, stores
-    for store in stores.values():
-        store.close()
-    etf.close_stores()
+    with _mounted(smap) as stores:
+        yield smap, data, stores
 
 
 def test_sharded_lookup_reads_every_shard(local_shards):
     import tensorflow as tf
 
     import embstore.tensorflow.distributed as etfd
-    smap, data, stores = local_shards
+    smap, _, stores = local_shards
     items = etfd.ShardedTable(smap, "items", devices=[None, None])
     ids = np.array([[0, 1, 1000, 1], [7, 7, 3, 2]])
     with ed.open_layout(smap) as layout:   # the shards read directly
@@ -259,31 +270,22 @@ def test_sharded_lookup_reads_every_shard(local_shards):
 
 def test_sharded_apply_sums_duplicates_like_one_table(tmp_path):
     pytest.importorskip("tensorflow")
-    import embstore.tensorflow as etf
     import embstore.tensorflow.distributed as etfd
     rng = np.random.default_rng(2)
     rows = rng.standard_normal((30, 8)).astype(np.float32)
     smap = ed.create(tmp_path / "two", 2)
     ed.create_table(smap, "items", 8, data=rows)
-    stores = ed.open_shards(smap, mode="r+")
-    for store in stores.values():
-        etf.register_store(store)
-    try:
-        with embstore.create(tmp_path / "plain") as plain:   # the oracle: one table
-            ref = plain.create_table("items", 8, data=rows)
-            table = etfd.ShardedTable(smap, "items", devices=[None, None])
-            for _ in range(3):
-                ids = np.array([4, 5, 4, 9, 4, 28, 5])
-                grads = rng.standard_normal((7, 8)).astype(np.float32)
-                steps = table.apply_gradients(ids, grads, "adagrad", learning_rate=0.3)
-                ref.apply_gradients(ids, grads, get_optimizer("adagrad", learning_rate=0.3))
-            assert steps.numpy().tolist() == [3, 3]
-            np.testing.assert_array_equal(table.lookup(np.arange(30)).numpy(),
-                                          ref.gather(np.arange(30)))
-    finally:
-        for store in stores.values():
-            store.close()
-        etf.close_stores()
+    with _mounted(smap), embstore.create(tmp_path / "plain") as plain:
+        ref = plain.create_table("items", 8, data=rows)   # the oracle: one table
+        table = etfd.ShardedTable(smap, "items", devices=[None, None])
+        for _ in range(3):
+            ids = np.array([4, 5, 4, 9, 4, 28, 5])
+            grads = rng.standard_normal((7, 8)).astype(np.float32)
+            steps = table.apply_gradients(ids, grads, "adagrad", learning_rate=0.3)
+            ref.apply_gradients(ids, grads, get_optimizer("adagrad", learning_rate=0.3))
+        assert steps.numpy().tolist() == [3, 3]
+        np.testing.assert_array_equal(table.lookup(np.arange(30)).numpy(),
+                                      ref.gather(np.arange(30)))
 
 
 def test_step_guard_applies_a_step_once_and_remembers_it_across_reopen(local_shards):
@@ -309,25 +311,19 @@ def test_step_guard_applies_a_step_once_and_remembers_it_across_reopen(local_sha
 
 def test_step_guard_forgets_ids_older_than_its_window(tmp_path):
     pytest.importorskip("tensorflow")
-    import embstore.tensorflow as etf
     import embstore.tensorflow.distributed as etfd
     smap = ed.create(tmp_path / "one", 1)
     ed.create_table(smap, "items", 2, rows=4)
     with embstore.open(smap.store_path(0), mode="r+") as store:   # a 3-step window
         store.drop_table("items.applied")
         store.create_table("items.applied", 2, rows=3)
-    store = ed.open_shards(smap, mode="r+")[0]
-    etf.register_store(store)
-    try:
+    with _mounted(smap):
         table = etfd.ShardedTable(smap, "items", devices=[None])
         for sid in (10, 11, 12, 13):
             table.apply_gradients([1], np.ones((1, 2), np.float32), step_id=sid)
         assert etfd.applied_steps(table.refs[0].ref) == {11, 12, 13}
         assert table.apply_gradients([1], np.ones((1, 2), np.float32),
                                      step_id=10).numpy().tolist() == [5]   # applied again
-    finally:
-        store.close()
-        etf.close_stores()
 
 
 def test_sharded_layer_trains_like_store_embedding_in_one_process(local_shards, tmp_path):
@@ -344,11 +340,7 @@ def test_sharded_layer_trains_like_store_embedding_in_one_process(local_shards, 
         store.create_table("items", jobs.DIM, data=data["rows"])
     smap = ed.create(tmp_path / "sh", 2)
     ed.create_table(smap, "items", jobs.DIM, data=data["rows"])
-    stores = ed.open_shards(smap, mode="r+")
-    import embstore.tensorflow as etf
-    for store in stores.values():
-        etf.register_store(store)
-    try:
+    with _mounted(smap):
         model = jobs.build_model(etfd.ShardedStoreEmbedding(
             smap, "items", optimizer="adagrad", learning_rate=jobs.TABLE_LR,
             devices=[None, None]), data)
@@ -364,9 +356,6 @@ def test_sharded_layer_trains_like_store_embedding_in_one_process(local_shards, 
         rows = etfd.ShardedTable(smap, "items", devices=[None, None]).lookup(
             np.arange(jobs.ROWS)).numpy()
         dense = jobs.dense_weights(model)
-    finally:
-        for store in stores.values():
-            store.close()
     want_losses, want_dense = jobs.oracle(str(tmp_path / "plain"), data, 6)
     np.testing.assert_allclose(losses, want_losses, atol=1e-5)
     for a, b in zip(dense, want_dense):
@@ -397,19 +386,29 @@ def _coordinate(cluster, smap: ShardMap, data_path: Path, out: Path, *args: str,
     cmd = [sys.executable, str(HERE / "_dist_jobs.py"), "train",
            "--cluster", json.dumps(cluster.cluster), "--map", str(smap.path),
            "--data", str(data_path), "--out", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert proc.returncode == 0, proc.stderr[-4000:] + "\n" + cluster.log_tail("ps", 0)
     return json.loads(out.read_text())
 
 
-def _final_state(smap: ShardMap, weights: Path, rows: int) -> tuple[np.ndarray, list]:
+def _assert_matches_one_process(tmp_path: Path, smap: ShardMap, data: dict,
+                                losses: list[float]) -> None:
+    """Losses, dense weights (``b.npz``), every row and every shard's step counter of the
+    cluster's 8 steps against the same 8 steps in one process, within 1e-5."""
+    import _dist_jobs as jobs
+    n = smap.num_shards
     with ed.open_layout(smap) as layout:
-        n = smap.num_shards
-        table = np.stack([layout.table(g % n, "items").gather([g // n])[0] for g in range(rows)])
-        steps = [layout.table(i, "items").step for i in range(n)]
-    w = np.load(weights)
-    return table, [w[f"arr_{i}"] for i in range(len(w.files))], steps
+        rows = np.stack([layout.table(g % n, "items").gather([g // n])[0]
+                         for g in range(jobs.ROWS)])
+        assert [layout.table(i, "items").step for i in range(n)] == [8] * n
+    w = np.load(tmp_path / "b.npz")
+    want_losses, want_dense = jobs.oracle(str(tmp_path / "plain"), data, 8)
+    np.testing.assert_allclose(losses, want_losses, atol=1e-5)
+    for i, want in enumerate(want_dense):
+        np.testing.assert_allclose(w[f"arr_{i}"], want, atol=1e-5)
+    with embstore.open(tmp_path / "plain") as store:
+        np.testing.assert_allclose(rows, store["items"].gather(np.arange(jobs.ROWS)), atol=1e-5)
 
 
 def test_cluster_trains_like_one_process_and_survives_a_killed_parameter_server(tmp_path):
@@ -420,7 +419,6 @@ def test_cluster_trains_like_one_process_and_survives_a_killed_parameter_server(
     pytest.importorskip("tensorflow")
     from embstore.tensorflow.distributed import LocalCluster
     smap, data, data_path = _cluster_case(tmp_path, 8)
-    import _dist_jobs as jobs
     with LocalCluster(smap.path, log_dir=tmp_path / "logs") as cluster:
         first = _coordinate(cluster, smap, data_path, tmp_path / "a.json", "--steps", "4",
                             "--save", str(tmp_path / "ckpt"), "--weights", str(tmp_path / "a.npz"))
@@ -433,14 +431,7 @@ def test_cluster_trains_like_one_process_and_survives_a_killed_parameter_server(
                              "--retry", "3", "--weights", str(tmp_path / "b.npz"))
         assert second["retry_steps"] == [4, 4]    # step 3 again: skipped on both shards
         assert "step 3 was applied" in cluster.log_tail("ps", 1, 200)
-    rows, dense, steps = _final_state(smap, tmp_path / "b.npz", jobs.ROWS)
-    assert steps == [8, 8]
-    want_losses, want_dense = jobs.oracle(str(tmp_path / "plain"), data, 8)
-    np.testing.assert_allclose(first["losses"] + second["losses"], want_losses, atol=1e-5)
-    for got, want in zip(dense, want_dense):
-        np.testing.assert_allclose(got, want, atol=1e-5)
-    with embstore.open(tmp_path / "plain") as store:
-        np.testing.assert_allclose(rows, store["items"].gather(np.arange(jobs.ROWS)), atol=1e-5)
+    _assert_matches_one_process(tmp_path, smap, data, first["losses"] + second["losses"])
     assert ed.check(smap) == []
 
 
@@ -493,7 +484,6 @@ def test_table_resharded_2_to_3_trains_on_to_the_same_result(tmp_path):
     pytest.importorskip("tensorflow")
     from embstore.tensorflow.distributed import LocalCluster
     smap, data, data_path = _cluster_case(tmp_path, 8)
-    import _dist_jobs as jobs
     with LocalCluster(smap.path, log_dir=tmp_path / "logs2") as cluster:
         first = _coordinate(cluster, smap, data_path, tmp_path / "a.json", "--steps", "4",
                             "--save", str(tmp_path / "ckpt"), "--weights", str(tmp_path / "a.npz"))
@@ -504,11 +494,13 @@ def test_table_resharded_2_to_3_trains_on_to_the_same_result(tmp_path):
         second = _coordinate(cluster, three, data_path, tmp_path / "b.json", "--first", "4",
                              "--steps", "4", "--restore", str(tmp_path / "ckpt"),
                              "--weights", str(tmp_path / "b.npz"))
-    rows, dense, steps = _final_state(three, tmp_path / "b.npz", jobs.ROWS)
-    assert steps == [8, 8, 8]
-    want_losses, want_dense = jobs.oracle(str(tmp_path / "plain"), data, 8)
-    np.testing.assert_allclose(first["losses"] + second["losses"], want_losses, atol=1e-5)
-    for got, want in zip(dense, want_dense):
-        np.testing.assert_allclose(got, want, atol=1e-5)
-    with embstore.open(tmp_path / "plain") as store:
-        np.testing.assert_allclose(rows, store["items"].gather(np.arange(jobs.ROWS)), atol=1e-5)
+    _assert_matches_one_process(tmp_path, three, data, first["losses"] + second["losses"])
+
+
+def test_distributed_md_carries_the_map_specification_verbatim():
+    from embstore.distributed import shardmap
+    doc = shardmap.__doc__
+    spec = doc[doc.index("Sharding map format"):doc.index("Limitations:")].strip()
+    text = (HERE.parent / "docs" / "DISTRIBUTED.md").read_text()
+    copy = text[text.index("<!-- shardmap-spec -->") + 22:text.index("<!-- /shardmap-spec -->")]
+    assert copy.strip() == spec, "docs/DISTRIBUTED.md's map format differs from shardmap.py"

@@ -12,7 +12,14 @@ shards from parameter-server tasks under ``tf.distribute.experimental.
 ParameterServerStrategy``; docs/DISTRIBUTED.md explains the whole arrangement.
 """
 
-from embstore.distributed.layout import APPLIED_ROWS, applied_name, check, create, create_table, open_shards
+from embstore.distributed.layout import (
+    APPLIED_ROWS,
+    applied_name,
+    check,
+    create,
+    create_table,
+    open_shards,
+)
 from embstore.distributed.reshard import open_layout, reshard, verify_same_rows
 from embstore.distributed.shardmap import (
     MAP_NAME,

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from embstore.distributed.layout import check
 from embstore.distributed.reshard import reshard, verify_same_rows

@@ -19,21 +19,43 @@ Why each one exists:
   (``training_state``/``restore_training_state``);
 * a step guard must be durable in the *same* log record as the step it guards
   (``apply_gradients_marked``), or a crash between two records could apply a step twice
-  or forget that it was applied.
+  or forget that it was applied;
+* the sharding map is replaced the way the store replaces its manifest
+  (``atomic_write``), with the code the store uses for it.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from embstore.store import Store
 from embstore.table import Table
 
-__all__ = ["read_raw", "append_raw", "keys_of_rows", "rows_of_keys", "assign_keys", "training_state",
-           "restore_training_state", "apply_gradients_marked", "stride_of", "slot_names"]
+__all__ = [
+    "append_raw",
+    "apply_gradients_marked",
+    "assign_keys",
+    "atomic_write",
+    "keys_of_rows",
+    "read_raw",
+    "restore_training_state",
+    "rows_of_keys",
+    "slot_names",
+    "stride_of",
+    "training_state",
+]
+
+
+def atomic_write(path: Path, data: bytes) -> None:  # core API seam
+    """The store's atomic file replacement (temp, fsync, rename, fsync the directory),
+    which the file-system seam of the restructure will own."""
+    from embstore.format import atomic_write as write
+    write(path, data)
 
 
 def stride_of(table: Table) -> int:  # core API seam

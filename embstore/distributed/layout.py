@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 import embstore
+from embstore import Fault
 from embstore.distributed.shardmap import (
     APPLIED_SUFFIX,
     ShardMap,
@@ -26,9 +27,8 @@ from embstore.distributed.shardmap import (
 )
 from embstore.errors import InvalidArgumentError, StoreExistsError
 from embstore.store import Store
-from embstore import Fault
 
-__all__ = ["create", "create_table", "open_shards", "check", "APPLIED_ROWS", "applied_name"]
+__all__ = ["APPLIED_ROWS", "applied_name", "check", "create", "create_table", "open_shards"]
 
 # Step ids a shard remembers having applied (the step guard's window): a retried step
 # is recognised if fewer than this many later steps were applied to the shard since.

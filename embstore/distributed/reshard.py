@@ -21,21 +21,28 @@ files) and no task may be running on them (the writer lock says who is).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 import embstore
 from embstore.distributed import _seam
-from embstore.distributed.layout import CHUNK_ROWS, applied_name, APPLIED_ROWS, create
-from embstore.distributed.shardmap import MAP_NAME, ShardMap, TableSpec, rows_in_shard, shard_of
+from embstore.distributed.layout import APPLIED_ROWS, CHUNK_ROWS, applied_name, create
+from embstore.distributed.shardmap import (
+    MAP_NAME,
+    ShardMap,
+    TableSpec,
+    rows_in_shard,
+    shard_of,
+)
 from embstore.errors import InvalidArgumentError
 from embstore.store import Store
 from embstore.table import Table
 
-__all__ = ["reshard", "verify_same_rows", "Layout", "open_layout"]
+__all__ = ["Layout", "open_layout", "reshard", "verify_same_rows"]
 
 Progress = Callable[[str, int, int], None]   # (table, rows done, rows total)
 
@@ -59,7 +66,7 @@ class Layout:
         for store in self.stores:
             store.close()
 
-    def __enter__(self) -> "Layout":
+    def __enter__(self) -> Layout:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,8 +27,9 @@ tables           object: table name -> ``{"dim", "dtype", "key_type", "num_rows"
                  (``null`` for a keyed table); ``partition`` is ``"mod"`` (dense) or
                  ``"splitmix64"`` (int64 keys).
 shards           list of N objects ``{"index": i, "store": name, "task": t}``, index
-                 0..N-1 in order; ``store`` a directory name under the root (``[A-Za-z0-9_.-]``,
-                 no leading dot), unique; ``task`` in [0, T).
+                 0..N-1 in order; ``store`` a directory name under the root (1-128 of
+                 ``[A-Za-z0-9_.-]``, not starting with ``.`` or ``-``), unique; ``task``
+                 in [0, T).
 ===============  ==========================================================================
 
 Partition rules (MUST be computed identically by every writer and reader):
@@ -37,11 +38,12 @@ Partition rules (MUST be computed identically by every writer and reader):
   ``g div N``. Shard ``i`` of a table of R rows holds ``ceil((R - i) / N)`` rows.
   A dense sharded table has a fixed row count.
 * ``splitmix64`` (tables keyed by int64): key ``k`` lives in shard
-  ``splitmix64(k as uint64) mod N`` under the same key. ``splitmix64`` is the
-  finalizer of Steele et al.'s SplitMix64 (``z ^= z >> 30; z *= 0xbf58476d1ce4e5b9;
-  z ^= z >> 27; z *= 0x94d049bb133111eb; z ^= z >> 31``, arithmetic modulo 2**64); a
-  hash, not ``k mod N``, so keys with a common stride (ids that are all even, say) still
-  spread over every shard.
+  ``splitmix64(k as uint64) mod N`` under the same key. ``splitmix64`` is the output
+  mix (the "finalizer") of Steele, Lea and Flood's SplitMix64, without its added
+  increment: ``z ^= z >> 30; z *= 0xbf58476d1ce4e5b9; z ^= z >> 27;
+  z *= 0x94d049bb133111eb; z ^= z >> 31``, arithmetic modulo 2**64. A hash, not
+  ``k mod N``, so keys with a common stride (ids that are all even, say) still spread
+  over every shard.
 
 The map is written atomically (temp file, fsync, rename, fsync of the directory): a crash
 leaves the old map or the new one. Snapshots of a sharded table (another issue) can
@@ -66,9 +68,20 @@ import numpy as np
 
 from embstore.errors import FormatError, InvalidArgumentError, UnsupportedVersionError
 
-__all__ = ["MAP_NAME", "FORMAT", "VERSION", "TableSpec", "ShardSpec", "ShardMap",
-           "splitmix64", "shard_of", "local_ids", "global_ids", "rows_in_shard",
-           "write_atomic"]
+__all__ = [
+    "FORMAT",
+    "MAP_NAME",
+    "VERSION",
+    "ShardMap",
+    "ShardSpec",
+    "TableSpec",
+    "global_ids",
+    "local_ids",
+    "rows_in_shard",
+    "shard_of",
+    "splitmix64",
+    "write_atomic",
+]
 
 MAP_NAME = "SHARDMAP.json"
 FORMAT = "embstore-shardmap"
@@ -82,7 +95,11 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 
 def splitmix64(keys: np.ndarray) -> np.ndarray:
-    """The SplitMix64 finalizer of int64 keys, as uint64 (wrapping arithmetic)."""
+    """SplitMix64's output mix of int64 keys, as uint64 (wrapping arithmetic).
+
+    The same mix as the key index's in-memory hash (``embstore.index``), kept apart on
+    purpose: this one is part of a file format (where every key of a shard set lives)
+    and must never change, while the index's is free to."""
     z = np.ascontiguousarray(keys, np.int64).view(np.uint64).copy()
     with np.errstate(over="ignore"):
         z ^= z >> np.uint64(30)
@@ -161,7 +178,7 @@ class ShardMap:
 
     @classmethod
     def new(cls, root: str | os.PathLike, num_shards: int, num_tasks: int | None = None,
-            tables: dict[str, TableSpec] | None = None) -> "ShardMap":
+            tables: dict[str, TableSpec] | None = None) -> ShardMap:
         """A map of ``num_shards`` shard stores named ``shard-00000-of-0000N`` under
         ``root``, shard ``i`` on task ``i mod num_tasks`` (default: one task per shard)."""
         n = _positive("num_shards", num_shards)
@@ -176,7 +193,7 @@ class ShardMap:
         return smap
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ShardMap":
+    def load(cls, path: str | os.PathLike) -> ShardMap:
         """Read and validate a map: the file itself, or a directory holding SHARDMAP.json."""
         path = Path(path)
         if path.is_dir():
@@ -198,7 +215,7 @@ class ShardMap:
         return smap
 
     @classmethod
-    def from_json(cls, body: Any, where: str = "sharding map") -> "ShardMap":
+    def from_json(cls, body: Any, where: str = "sharding map") -> ShardMap:
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise FormatError(f"{where}: format is not {FORMAT!r}")
         if body.get("version") != VERSION:
@@ -340,21 +357,7 @@ APPLIED_SUFFIX = ".applied"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` so a crash leaves the old bytes or the new, never a mix: the
-    temp file's data is durable before the rename makes it visible, and the rename is
-    durable (directory fsync) before anyone relies on it."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Replace ``path`` so a crash leaves the old bytes or the new, never a mix (temp
+    file, fsync, rename, fsync of the directory: the store's own manifest protocol)."""
+    from embstore.distributed import _seam
+    _seam.atomic_write(path, data)

@@ -31,8 +31,17 @@ from embstore.tensorflow.distributed._apply import APPLY_TOKEN, applied_steps
 from embstore.tensorflow.distributed.cluster import LocalCluster, connect, free_ports
 from embstore.tensorflow.distributed.ops import NO_STEP_ID, ShardedTable
 
-__all__ = ["APPLY_TOKEN", "LocalCluster", "NO_STEP_ID", "ShardedStoreEmbedding",
-           "ShardedTable", "applied_steps", "connect", "free_ports", "step_scope"]
+__all__ = [
+    "APPLY_TOKEN",
+    "NO_STEP_ID",
+    "LocalCluster",
+    "ShardedStoreEmbedding",
+    "ShardedTable",
+    "applied_steps",
+    "connect",
+    "free_ports",
+    "step_scope",
+]
 
 
 def __getattr__(name: str):  # keras is imported only when the layer is used

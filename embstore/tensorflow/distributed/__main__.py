@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from embstore.tensorflow.distributed.task import parse_cluster, run_task
 

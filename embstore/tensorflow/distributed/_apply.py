@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
 
 import numpy as np
 
@@ -33,7 +32,7 @@ from embstore.table import Table
 from embstore.tensorflow import _registry, ops
 from embstore.tensorflow.ops import EmbstoreOpError
 
-__all__ = ["APPLY_TOKEN", "register_callbacks", "applied_steps"]
+__all__ = ["APPLY_TOKEN", "applied_steps", "register_callbacks"]
 
 APPLY_TOKEN = "embstore.sharded_apply.v1"  # part of saved graphs: never change its meaning
 _log = logging.getLogger("embstore.distributed")
@@ -46,7 +45,7 @@ class _Guard:
         self.marker = marker
         raw = _seam.read_raw(marker, 0, marker.num_rows)
         self.ring = raw.view("<i8").reshape(-1).astype(np.int64) - 1   # -1: empty
-        self.applied = set(int(x) for x in self.ring if x >= 0)
+        self.applied = {int(x) for x in self.ring if x >= 0}
         self.lock = threading.Lock()
 
     def record(self, step: int, step_id: int) -> None:
@@ -85,8 +84,8 @@ def _apply_callback(ref: bytes, ids: np.ndarray, grads: np.ndarray, config: byte
                     step_id: np.ndarray) -> np.ndarray:
     """One optimizer step on this shard (ids already summed, local to the shard);
     returns the shard table's step counter after it."""
-    table = ops._table_for(ref)  # noqa: SLF001
-    optimizer = ops._optimizer_of(config)  # noqa: SLF001
+    table = ops._table_for(ref)
+    optimizer = ops._optimizer_of(config)
     sid = int(step_id)
     try:
         if sid < 0:
@@ -111,7 +110,7 @@ def register_callbacks() -> None:
     """Register the callback under its stable token (idempotent; done on import). TF's
     registry holds callbacks weakly: this module's global keeps it alive."""
     from tensorflow.python.ops import script_ops  # private, stable since TF 1.x
-    script_ops._py_funcs._funcs[APPLY_TOKEN] = _apply_callback  # noqa: SLF001
+    script_ops._py_funcs._funcs[APPLY_TOKEN] = _apply_callback
 
 
 register_callbacks()

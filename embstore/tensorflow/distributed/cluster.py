@@ -91,7 +91,7 @@ class LocalCluster:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         try:
             for job in ("ps", "worker"):
                 for task in range(len(self.cluster[job])):
@@ -114,13 +114,10 @@ class LocalCluster:
                "--threads", str(self.threads), *self.task_args]
         if job == "ps":
             cmd += ["--map", self.map_path]
-        log = open(self.log_dir / f"{job}-{task}.log", "ab")
-        try:
+        with open(self.log_dir / f"{job}-{task}.log", "ab") as log:  # the child keeps its own
             self.procs[(job, task)] = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.env, start_new_session=True)
-        finally:
-            log.close()
 
     def _wait_ready(self, job: str, task: int) -> dict[str, Any]:
         deadline = time.monotonic() + self.start_timeout
@@ -169,7 +166,7 @@ class LocalCluster:
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

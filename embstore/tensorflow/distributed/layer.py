@@ -30,7 +30,8 @@ import os
 import threading
 import warnings
 import weakref
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -39,6 +40,7 @@ from embstore.distributed.shardmap import ShardMap
 from embstore.optim import SparseOptimizer, get_optimizer, optimizer_from_config
 from embstore.tensorflow._training import GradientNotAppliedWarning
 from embstore.tensorflow.distributed.ops import NO_STEP_ID, ShardedTable
+from embstore.tensorflow.layers import StoreEmbedding
 from embstore.tensorflow.ops import COMBINERS, _lookup, optimizer_json
 
 __all__ = ["ShardedStoreEmbedding", "step_scope"]
@@ -97,7 +99,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._graphs: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
+        self._graphs: weakref.WeakKeyDictionary[Any, list] = weakref.WeakKeyDictionary()
         self._eager: list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]] = []
 
     def add(self, item: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> None:
@@ -160,7 +162,7 @@ def _loss_scale(probe_grad: tf.Tensor) -> tf.Tensor:
 
 
 _shared_lock = threading.Lock()
-_shared: "weakref.WeakValueDictionary[tuple, Any]" = weakref.WeakValueDictionary()
+_shared: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
 _pendings: dict[tuple, _Pending] = {}
 
 
@@ -238,16 +240,12 @@ class ShardedStoreEmbedding(keras.layers.Layer):
         self.store_step, self._pending = _step_variable(self._table, self._config)
         self.built = True
 
-    def compute_output_shape(self, input_shape: Any) -> tuple:
-        shape = tuple(input_shape)
-        if self.combiner is not None:
-            shape = shape[:-1]
-        return (*shape, self.output_dim)
-
-    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
-        if not self.mask_zero or self.combiner is not None:
-            return None
-        return keras.ops.not_equal(inputs, 0)
+    # shapes, masks and the output dtype (the policy's compute dtype, float16 under
+    # mixed_float16) are StoreEmbedding's: the same functions, not copies
+    compute_output_shape = StoreEmbedding.compute_output_shape
+    compute_output_spec = StoreEmbedding.compute_output_spec
+    compute_mask = StoreEmbedding.compute_mask
+    _output_dtype = StoreEmbedding._output_dtype
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         ids = inputs
@@ -257,11 +255,19 @@ class ShardedStoreEmbedding(keras.layers.Layer):
                 ids = tf.cast(ids, tf.int64)  # Keras Input defaults to float32
         ref = self._table.refs[0]
         if training is False or not self.trainable:
-            return _lookup(ref, ids, self._table.lookup, self.combiner, None)
+            out = _lookup(ref, ids, self._table.lookup, self.combiner, None)
+        else:
+            out = self._training_lookup(ref, ids, training)
+        if self._output_dtype != "float32":
+            out = tf.cast(out, self._output_dtype) if not isinstance(out, tf.RaggedTensor) \
+                else out.with_flat_values(tf.cast(out.flat_values, self._output_dtype))
+        return out
+
+    def _training_lookup(self, ref: Any, ids: Any, training: bool | None) -> Any:
         if training is True and tf.executing_eagerly() and self._pending.drop_eager():
             warnings.warn(f"the gradients of sharded table {self.table_name!r} computed at "
                           "the previous training step were never applied by an optimizer",
-                          GradientNotAppliedWarning, stacklevel=2)
+                          GradientNotAppliedWarning, stacklevel=3)
         step = tf.convert_to_tensor(self.store_step.value)
         probes: list[tf.Tensor] = []
 
@@ -271,6 +277,7 @@ class ShardedStoreEmbedding(keras.layers.Layer):
             return rows
 
         out = _lookup(ref, ids, rows_of, self.combiner, None)
+        # the loss-scale probe: its gradient is what the loss was multiplied by
         self.add_loss(tf.add_n(probes) if len(probes) > 1 else probes[0])
         return out
 

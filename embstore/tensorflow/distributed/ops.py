@@ -25,7 +25,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -34,7 +35,7 @@ from embstore.optim import SparseOptimizer, get_optimizer
 from embstore.tensorflow.distributed import _apply
 from embstore.tensorflow.ops import TableRef, _check_ids, _gather_dense, optimizer_json
 
-__all__ = ["ShardedTable", "NO_STEP_ID"]
+__all__ = ["NO_STEP_ID", "ShardedTable"]
 
 NO_STEP_ID = -1  # an apply without a step id is not guarded against retries
 _M1 = 0xBF58476D1CE4E5B9

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_task", "parse_cluster", "tune_malloc"]
+__all__ = ["parse_cluster", "run_task", "tune_malloc"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 32 << 20                    # glibc's largest (HEAP_MAX_SIZE / 2)
