@@ -58,14 +58,22 @@ def dense_weights(model: Any) -> list[np.ndarray]:
 def replica_step(model: Any, opt: Any, x: Any, y: Any) -> Any:
     import tensorflow as tf
     with tf.GradientTape() as tape:
-        loss = tf.reduce_mean((model(x, training=True) - y) ** 2) + tf.add_n(model.losses)
+        pred = tf.cast(model(x, training=True), tf.float32)
+        loss = tf.reduce_mean((pred - y) ** 2) + tf.add_n(model.losses)
+        scaled = opt.scale_loss(loss)  # a LossScaleOptimizer's scale; else the loss
     variables = model.trainable_variables
-    opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+    opt.apply_gradients(zip(tape.gradient(scaled, variables), variables))
     return loss
 
 
-def oracle(store_path: str, data: dict[str, np.ndarray], steps: int
-           ) -> tuple[list[float], list[np.ndarray]]:
+def dense_optimizer(loss_scale: bool = False) -> Any:
+    import keras
+    opt = keras.optimizers.Adam(DENSE_LR)
+    return keras.optimizers.LossScaleOptimizer(opt) if loss_scale else opt
+
+
+def oracle(store_path: str, data: dict[str, np.ndarray], steps: int,
+           loss_scale: bool = False) -> tuple[list[float], list[np.ndarray]]:
     """Single-process training: StoreEmbedding over an unsharded store (its rows change)."""
     import keras
     import tensorflow as tf
@@ -76,7 +84,7 @@ def oracle(store_path: str, data: dict[str, np.ndarray], steps: int
     try:
         model = build_model(etf.StoreEmbedding(store, "items", optimizer="adagrad",
                                                learning_rate=TABLE_LR), data)
-        opt = keras.optimizers.Adam(DENSE_LR)
+        opt = dense_optimizer(loss_scale)
         step = tf.function(lambda x, y: replica_step(model, opt, x, y))
         losses = [float(step(tf.constant(data["ids"][i]), tf.constant(data["y"][i])))
                   for i in range(steps)]

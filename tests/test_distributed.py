@@ -326,25 +326,38 @@ def test_step_guard_forgets_ids_older_than_its_window(tmp_path):
                                      step_id=10).numpy().tolist() == [5]   # applied again
 
 
-def test_sharded_layer_trains_like_store_embedding_in_one_process(local_shards, tmp_path):
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_sharded_layer_trains_like_store_embedding_in_one_process(tmp_path, policy):
     """The Keras hook without a cluster: ShardedStoreEmbedding over two local shards
-    against StoreEmbedding over one store, the same model, data and optimizers."""
+    against StoreEmbedding over one store, the same model, data and optimizers; under
+    mixed_float16 with a LossScaleOptimizer (rows come out float16, the loss scale is
+    undone through the probe)."""
+    pytest.importorskip("tensorflow")
     import keras
     import tensorflow as tf
 
     import embstore.tensorflow.distributed as etfd
     sys.path.insert(0, str(HERE))
     import _dist_jobs as jobs
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        _train_both_ways(tmp_path, jobs, etfd, keras, tf, policy != "float32")
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def _train_both_ways(tmp_path, jobs, etfd, keras, tf, loss_scale: bool) -> None:
     data = jobs.make_data(tmp_path / "data.npz", 6)
     with embstore.create(tmp_path / "plain") as store:
         store.create_table("items", jobs.DIM, data=data["rows"])
     smap = ed.create(tmp_path / "sh", 2)
     ed.create_table(smap, "items", jobs.DIM, data=data["rows"])
     with _mounted(smap):
-        model = jobs.build_model(etfd.ShardedStoreEmbedding(
-            smap, "items", optimizer="adagrad", learning_rate=jobs.TABLE_LR,
-            devices=[None, None]), data)
-        opt = keras.optimizers.Adam(jobs.DENSE_LR)
+        emb = etfd.ShardedStoreEmbedding(smap, "items", optimizer="adagrad",
+                                         learning_rate=jobs.TABLE_LR, devices=[None, None])
+        model = jobs.build_model(emb, data)
+        assert emb(tf.constant([[1, 2, 3]]), training=False).dtype == emb.compute_dtype
+        opt = jobs.dense_optimizer(loss_scale)
 
         @tf.function
         def step(i, x, y):
@@ -356,7 +369,7 @@ def test_sharded_layer_trains_like_store_embedding_in_one_process(local_shards, 
         rows = etfd.ShardedTable(smap, "items", devices=[None, None]).lookup(
             np.arange(jobs.ROWS)).numpy()
         dense = jobs.dense_weights(model)
-    want_losses, want_dense = jobs.oracle(str(tmp_path / "plain"), data, 6)
+    want_losses, want_dense = jobs.oracle(str(tmp_path / "plain"), data, 6, loss_scale)
     np.testing.assert_allclose(losses, want_losses, atol=1e-5)
     for a, b in zip(dense, want_dense):
         np.testing.assert_allclose(a, b, atol=1e-5)
