@@ -376,6 +376,34 @@ def _train_both_ways(tmp_path, jobs, etfd, keras, tf, loss_scale: bool) -> None:
         assert store["items"].step == 6
 
 
+def test_tasks_mount_shards_away_from_the_maps_root(tmp_path):
+    """A machine whose shard directories are not where the map was written: the task
+    mounts them from ``--root`` and the graph's references (the map's root) still
+    resolve to them."""
+    pytest.importorskip("tensorflow")
+    import shutil
+
+    import embstore.tensorflow as etf
+    import embstore.tensorflow.distributed as etfd
+    from embstore.tensorflow.distributed.task import mount
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    smap = ed.create(tmp_path / "written", 2)
+    ed.create_table(smap, "items", 4, data=rows)
+    shutil.move(tmp_path / "written", tmp_path / "elsewhere")
+    moved = tmp_path / "elsewhere" / MAP_NAME
+    stores = {**mount(str(moved), 0), **mount(str(moved), 1)}
+    try:
+        table = etfd.ShardedTable(moved, "items", devices=[None, None])
+        assert table.refs[0].store_path.startswith(str(tmp_path / "written"))
+        np.testing.assert_array_equal(table.lookup([9, 0, 3]).numpy(), rows[[9, 0, 3]])
+        assert table.apply_gradients([1], np.ones((1, 4), np.float32)).numpy().tolist() \
+            == [0, 1]
+    finally:
+        for store in stores.values():
+            store.close()
+        etf.close_stores()
+
+
 def test_distributed_md_carries_the_map_specification_verbatim():
     from embstore.distributed import shardmap
     doc = shardmap.__doc__

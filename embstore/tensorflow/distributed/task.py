@@ -95,7 +95,7 @@ def run_task(job: str, task: int, cluster: dict[str, list[str]], *,
     import embstore.tensorflow as etf
     import embstore.tensorflow.distributed  # noqa: F401  registers the sharded apply op
 
-    stores = _mount(job, task, shard_map, root, etf)
+    stores = mount(shard_map, task, root) if job == "ps" else {}
     try:
         server = tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name=job,
                                       task_index=task, protocol="grpc", start=True)
@@ -117,11 +117,11 @@ def run_task(job: str, task: int, cluster: dict[str, list[str]], *,
     os._exit(0)  # the gRPC server's threads would keep the process alive
 
 
-def _mount(job: str, task: int, shard_map: str | None, root: str | None,
-           etf: Any) -> dict[int, Any]:
-    """Open (r+, with recovery) and register the shard stores of a PS task."""
-    if job != "ps":
-        return {}
+def mount(shard_map: str | None, task: int, root: str | None = None) -> dict[int, Any]:
+    """Open (``r+``, replaying each log) and register for the ops the shard stores of PS
+    task ``task``, mounted under ``root`` (default: the map's directory); graph
+    references name them by the map's canonical paths, mapped here to ``root``."""
+    import embstore.tensorflow as etf
     if not shard_map:
         raise SystemExit("a ps task needs --map SHARDMAP.json")
     from embstore.distributed import ShardMap, open_shards
