@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import sys
 import tracemalloc
@@ -180,6 +181,7 @@ def test_reshard_streams_in_bounded_memory(tmp_path):
         with embstore.open(smap.store_path(0), mode="r+") as store:
             store["items"].apply_gradients([0, 49_999], np.ones((2, 16), np.float32),
                                            "adagrad")
+        gc.collect()  # garbage of earlier tests is not this reshard's memory
         tracemalloc.start()
         try:
             ed.reshard(smap, tmp_path / f"three-{rows}", 3, chunk_rows=4096)

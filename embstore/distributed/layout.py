@@ -18,6 +18,7 @@ import numpy as np
 
 import embstore
 from embstore import Fault
+from embstore.distributed import _seam
 from embstore.distributed.shardmap import (
     APPLIED_SUFFIX,
     ShardMap,
@@ -25,7 +26,7 @@ from embstore.distributed.shardmap import (
     rows_in_shard,
     shard_of,
 )
-from embstore.errors import InvalidArgumentError, StoreExistsError
+from embstore.errors import FormatError, InvalidArgumentError, ShapeError, StoreExistsError
 from embstore.store import Store
 
 __all__ = ["APPLIED_ROWS", "applied_name", "check", "create", "create_table", "open_shards"]
@@ -78,7 +79,6 @@ def create_table(smap: ShardMap | str | os.PathLike, name: str, dim: int, *,
         if rows:
             raise InvalidArgumentError("pass rows= or data=, not both")
         if np.shape(data)[1:] != (dim,) or len(np.shape(data)) != 2:
-            from embstore.errors import ShapeError
             raise ShapeError(f"data must have shape (n, {dim}), got {np.shape(data)}")
         rows = len(data)
     spec = TableSpec(int(dim), dtype, key_type, None if key_type else int(rows))
@@ -124,7 +124,6 @@ def open_shards(smap: ShardMap | str | os.PathLike, task: int | None = None, *,
             stores[shard.index] = store
             faults = _map_faults(smap, shard.index, store)
             if faults:
-                from embstore.errors import FormatError
                 raise FormatError("; ".join(str(f) for f in faults))
     except BaseException:
         for store in stores.values():
@@ -167,7 +166,7 @@ def _map_faults(smap: ShardMap, index: int, store: Store) -> list[Fault]:
             faults.append(Fault(path, None, f"shard {index} has no table {name!r}"))
             continue
         t = store[name]
-        got = (t.dim, t.dtype, t.key_type)
+        got = (t.dim, t.storage_dtype, t.key_type)
         want = (spec.dim, spec.dtype, spec.key_type)
         if got != want:
             faults.append(Fault(path, None, f"table {name!r} of shard {index} is (dim, "
@@ -184,7 +183,6 @@ def _map_faults(smap: ShardMap, index: int, store: Store) -> list[Fault]:
 
 
 def _key_faults(smap: ShardMap, index: int, store: Store) -> list[Fault]:
-    from embstore.distributed import _seam
     faults = []
     for name, spec in sorted(smap.tables.items()):
         if spec.key_type is None or name not in store:

@@ -30,7 +30,7 @@ import numpy as np
 
 import embstore
 from embstore.distributed import _seam
-from embstore.distributed.layout import APPLIED_ROWS, CHUNK_ROWS, applied_name, create
+from embstore.distributed.layout import APPLIED_ROWS, CHUNK_ROWS, applied_name, create, open_shards
 from embstore.distributed.shardmap import (
     MAP_NAME,
     ShardMap,
@@ -79,7 +79,6 @@ def open_layout(source: Any, mode: str = "r", tables: list[str] | None = None) -
     if isinstance(source, ShardMap) or (
             not isinstance(source, Store) and (Path(source).name == MAP_NAME or
                                               (Path(source) / MAP_NAME).is_file())):
-        from embstore.distributed.layout import open_shards
         smap = source if isinstance(source, ShardMap) else ShardMap.load(source)
         stores = open_shards(smap, mode=mode)
         specs = {n: s for n, s in smap.tables.items() if tables is None or n in tables}
@@ -92,7 +91,7 @@ def open_layout(source: Any, mode: str = "r", tables: list[str] | None = None) -
             store.close()
             raise InvalidArgumentError(f"table {name!r} is keyed by {t.key_type}: only dense "
                                        "and int64-keyed tables can be sharded")
-        specs[name] = TableSpec(t.dim, t.dtype, t.key_type,
+        specs[name] = TableSpec(t.dim, t.storage_dtype, t.key_type,
                                 None if t.key_type else t.num_rows)
     return Layout(1, specs, [store])
 

@@ -66,7 +66,16 @@ from typing import Any
 
 import numpy as np
 
-from embstore.errors import FormatError, InvalidArgumentError, UnsupportedVersionError
+from embstore.codecs import check_dtype
+from embstore.distributed import _seam
+from embstore.errors import (
+    FormatError,
+    InvalidArgumentError,
+    StoreNotFoundError,
+    TableNotFoundError,
+    UnsupportedVersionError,
+)
+from embstore.format import check_table_name
 
 __all__ = [
     "FORMAT",
@@ -97,7 +106,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 def splitmix64(keys: np.ndarray) -> np.ndarray:
     """SplitMix64's output mix of int64 keys, as uint64 (wrapping arithmetic).
 
-    The same mix as the key index's in-memory hash (``embstore.index``), kept apart on
+    The same mix as the key index's in-memory hash (``embstore.keys``), kept apart on
     purpose: this one is part of a file format (where every key of a shard set lives)
     and must never change, while the index's is free to."""
     z = np.ascontiguousarray(keys, np.int64).view(np.uint64).copy()
@@ -202,7 +211,6 @@ class ShardMap:
             with open(path, "rb") as f:
                 raw = f.read(MAX_MAP_BYTES + 1)
         except FileNotFoundError:
-            from embstore.errors import StoreNotFoundError
             raise StoreNotFoundError(f"no sharding map at {path}") from None
         if len(raw) > MAX_MAP_BYTES:
             raise FormatError(f"{path}: sharding map is over {MAX_MAP_BYTES} bytes")
@@ -298,7 +306,6 @@ class ShardMap:
     def table(self, name: str) -> TableSpec:
         spec = self.tables.get(name)
         if spec is None:
-            from embstore.errors import TableNotFoundError
             raise TableNotFoundError(f"no table {name!r} in the sharding map "
                                      f"(tables: {', '.join(sorted(self.tables)) or 'none'})")
         return spec
@@ -331,8 +338,6 @@ def _positive(name: str, value: object) -> int:
 
 
 def _check_spec(name: str, t: TableSpec, bad: Any) -> None:
-    from embstore.dtypes import check_dtype
-    from embstore.format import check_table_name
     try:
         check_table_name(name)
         check_dtype(t.dtype)
@@ -359,5 +364,4 @@ APPLIED_SUFFIX = ".applied"
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` so a crash leaves the old bytes or the new, never a mix (temp
     file, fsync, rename, fsync of the directory: the store's own manifest protocol)."""
-    from embstore.distributed import _seam
     _seam.atomic_write(path, data)
