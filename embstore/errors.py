@@ -157,6 +157,10 @@ class DurabilityError(EmbstoreError, OSError):
     """
 
 
+class MissingExtraError(EmbstoreError, ImportError):
+    """An optional dependency (an extra, e.g. ``embstore[parquet]``) is not installed."""
+
+
 class StoreClosedError(EmbstoreError, RuntimeError):
     """The store (or table) was used after ``close()``."""
 
