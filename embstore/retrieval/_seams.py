@@ -1,0 +1,69 @@
+"""The few things retrieval needs from the core that are not (yet) public API.
+
+Each function here is one ``# core API seam``: it reaches into a core object or module
+that a restructure may rename (the core is being split into layers, table internals get
+an underscore, atomic writes move to a file-system seam module). When that lands, only
+the line under each marker changes; nothing else in ``embstore.retrieval`` touches core
+internals.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embstore.errors import InvalidArgumentError
+
+
+def keys_of_rows(table: Any, rows: np.ndarray) -> np.ndarray:
+    """The int64 key stored at each row of a keyed table (same shape as ``rows``)."""
+    if table.key_type != "int64":
+        raise InvalidArgumentError(
+            f"table {table.name!r} is keyed by {table.key_type}: top-k can return its "
+            "int64 keys only for key_type='int64' tables; pass return_keys=False for row ids")
+    flat = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+    keys = table.index.keys_of(flat)  # core API seam: KeyIndex.keys_of (row -> key)
+    return np.asarray(keys, np.int64).reshape(np.shape(rows))
+
+
+def rows_of_keys(table: Any, keys: np.ndarray) -> np.ndarray:
+    """Row of each int64 key of a keyed table, -1 for a key the table does not hold."""
+    flat = np.ascontiguousarray(keys, dtype=np.int64).reshape(-1)
+    rows = table.index.lookup(flat)  # core API seam: KeyIndex.lookup (key -> row)
+    return np.asarray(rows, np.int64).reshape(np.shape(keys))
+
+
+def store_of(table: Any) -> Any:
+    """The store a table was opened from (its path and log position name an index's
+    origin). The restructure drops ``Table.store``; callers then pass the store."""
+    return table.store  # core API seam: Table.store
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
+    from embstore.format import fsync_dir as core_fsync_dir  # core API seam: fs module
+    core_fsync_dir(directory)
+
+
+def write_file_synced(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it (the caller renames its directory into place)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file another library wrote (an ANN index's own ``save``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
