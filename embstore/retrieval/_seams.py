@@ -36,10 +36,25 @@ def rows_of_keys(table: Any, keys: np.ndarray) -> np.ndarray:
     return np.asarray(rows, np.int64).reshape(np.shape(keys))
 
 
+def rows_by_id(table: Any, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows by row id, keyed tables included (their ``gather`` takes keys)."""
+    if table.key_type is None:
+        return table.gather(rows, out=out)
+    return table.gather_rows(rows, out=out)  # core API seam: Table.gather_rows
+
+
 def store_of(table: Any) -> Any:
     """The store a table was opened from (its path and log position name an index's
     origin). The restructure drops ``Table.store``; callers then pass the store."""
     return table.store  # core API seam: Table.store
+
+
+def log_position(store: Any) -> int:
+    """The newest log position whose rows this process sees: the writer's log end (rows
+    are applied to the shards as they are logged), else the last checkpoint."""
+    writer = getattr(store, "writer", None)  # core API seam: Store.writer.wal.end_lsn
+    wal = getattr(writer, "wal", None)
+    return int(wal.end_lsn) if wal is not None else int(store.checkpoint_lsn)
 
 
 def fsync_dir(directory: Path) -> None:
