@@ -113,25 +113,39 @@ def test_stale_after_training_then_fresh_after_refresh(items) -> None:
     store, table, rows = items
     index = build_index(table)
     q = queries_near(rows, 1)[0]
-    table.apply_gradients(np.array([3]), -5000 * q[None], "sgd")  # row 3 moves toward q
+    best = int(top_k(table, q, 1).ids[0])
+    assert best > 3
+    grad = (rows[3] - rows[best]) / 0.01  # one SGD step (lr 0.01) makes row 3 a copy
+    table.apply_gradients(np.array([3]), grad[None], "sgd")
     s = index.staleness()
     assert s["stale"] and s["steps_behind"] == 1 and s["log_bytes_behind"] > 0
     fresh = refresh_index(index, changed_ids=[3])
     assert fresh.staleness()["stale"] is False
-    assert index.search(q, 1).ids[0] != 3  # the stale index cannot find it
-    assert fresh.search(q, 1).ids[0] == 3 == top_k(table, q, 1).ids[0]
     assert fresh.manifest["delta_rows"] == 1 and fresh.version.name == "v000002"
+    # row 3 now ties the best row: the lower id wins, in the index as in exact search
+    assert fresh.search(q, 1).ids[0] == 3 == top_k(table, q, 1).ids[0]
+
+
+def test_a_row_that_outgrows_the_index_space_triggers_a_rebuild(items) -> None:
+    store, table, rows = items
+    index = build_index(table)
+    q = queries_near(rows, 1)[0]
+    table.update(np.array([3]), 50 * q[None])  # norm far beyond the dot transform's M
+    fresh = refresh_index(index, changed_ids=[3])
+    assert fresh.manifest["delta_rows"] == 0 and fresh.manifest["refreshes"] == 0
+    assert fresh.search(q, 1).ids[0] == 3
 
 
 def test_refresh_finds_changed_and_appended_rows_by_fingerprint(items) -> None:
     store, table, rows = items
     index = build_index(table)
     q = queries_near(rows, 1)[0]
-    table.update(np.array([10, 20]), np.stack([40 * q, -q]))
-    table.append(60 * q[None])
+    best = top_k(table, q, 2).ids
+    table.update(np.array([10, 20]), rows[best])  # copies of the two best rows
+    table.append(rows[best[:1]])
     fresh = refresh_index(index)
     assert fresh.manifest["delta_rows"] == 3 and fresh.rows == 6001
-    assert fresh.search(q, 2).ids.tolist() == [6000, 10]
+    assert sorted(fresh.search(q, 6).ids[:5].tolist()) == sorted([10, 20, 6000, *best])[:5]
     again = refresh_index(fresh)  # nothing changed: the delta stays as it was
     assert again.manifest["delta_rows"] == 3 and again.manifest["refreshes"] == 2
 
@@ -252,7 +266,7 @@ def test_garbage_shard_with_matching_checksums_is_a_format_error(items) -> None:
     (lambda b: b.update(fingerprints="/etc/passwd"), errors.UnsafePathError),
     (lambda b: b["search"].update(nprobe=0), errors.FormatError),
     (lambda b: b.update(library="pickle"), errors.FormatError),
-    (lambda b: b.update(dim=DIM + 1), errors.FormatError),  # the shards say otherwise
+    (lambda b: b.update(dim=DIM + 1), errors.InvalidArgumentError),  # not this table's
 ])
 def test_hostile_manifest_fields(items, edit, err) -> None:
     store, table, _ = items

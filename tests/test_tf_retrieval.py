@@ -113,9 +113,11 @@ def test_serving_picks_up_a_refreshed_index(tmp_path: Path) -> None:
     etf.register_store(writer)
     q = rng.standard_normal((1, DIM)).astype(np.float32)
     fn = tf.function(lambda x: etf.top_k(writer, x, 1, table="items"))
-    assert fn(q)[0].numpy()[0, 0] != 42
-    writer["items"].update(np.array([42]), 100 * q)
-    refresh_index(index, changed_ids=[42])
+    best = int(fn(q)[0].numpy()[0, 0])
+    assert best > 42
+    writer["items"].update(np.array([42]), rows[best][None])  # ties the best; lower id
+    fresh = refresh_index(index, changed_ids=[42])
+    assert fresh.manifest["delta_rows"] == 1
     assert fn(q)[0].numpy()[0, 0] == 42  # same graph, new index version
     writer.close()
 

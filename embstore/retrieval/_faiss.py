@@ -65,24 +65,22 @@ def parse_kind(kind: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
-def faiss_metric(metric: str) -> int:
-    faiss = import_faiss()
-    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-
-
 def train_rows_for(nlist: int, rows: int) -> int:
     return int(min(rows, MAX_TRAIN_ROWS, max(64 * nlist, 16384)))
 
 
-def trained(kind: str, dim: int, metric: str, sample: np.ndarray) -> Any:
-    """An empty IVF index of ``kind`` trained on ``sample`` (the template of every shard)."""
+def trained(kind: str, sample: np.ndarray, ranges: tuple[np.ndarray, np.ndarray] | None
+            ) -> Any:
+    """An empty L2 IVF index of ``kind`` over the transformed ``sample`` (the template of
+    every shard). Scalar quantisers encode rows, not residuals, over ``ranges`` (the whole
+    table's, see ``transform.py``) instead of the sample's."""
     faiss = import_faiss()
     nlist, _ = parse_kind(kind)
     if nlist > len(sample):
         raise InvalidArgumentError(f"index kind {kind!r} has {nlist} lists but only "
                                    f"{len(sample)} rows to train them: use fewer lists")
     try:
-        index = faiss.index_factory(dim, kind, faiss_metric(metric))
+        index = faiss.index_factory(sample.shape[1], kind, faiss.METRIC_L2)
     except RuntimeError as exc:
         raise InvalidArgumentError(f"faiss does not build index kind {kind!r}: "
                                    f"{str(exc).splitlines()[-1]}") from None
@@ -90,8 +88,33 @@ def trained(kind: str, dim: int, metric: str, sample: np.ndarray) -> Any:
         raise InvalidArgumentError(f"index kind {kind!r} is not an IVF index")
     index.cp.min_points_per_centroid = 1  # small tables: no warning spam, still trained
     index.cp.seed = 1234
+    sq = getattr(index, "sq", None)
+    full_range = sq is not None and ranges is not None and \
+        sq.qtype in (faiss.ScalarQuantizer.QT_8bit, faiss.ScalarQuantizer.QT_6bit,
+                     faiss.ScalarQuantizer.QT_4bit)
+    if full_range:
+        index.by_residual = False  # one range per dimension, the table's
     index.train(np.ascontiguousarray(sample, np.float32))
+    if full_range:
+        lo, hi = ranges
+        faiss.copy_array_to_vector(np.concatenate([lo, hi - lo]).astype(np.float32),
+                                   sq.trained)
     return index
+
+
+def within_ranges(template: Any, rows: np.ndarray) -> bool:
+    """Whether transformed rows lie inside the full-range scalar quantiser's ranges (any
+    other code has no range to leave)."""
+    faiss = import_faiss()
+    sq = getattr(template, "sq", None)
+    if sq is None or template.by_residual:
+        return True
+    trained = faiss.vector_to_array(sq.trained)
+    width = rows.shape[1]
+    if len(trained) != 2 * width:
+        return True
+    lo, span = trained[:width], trained[width:]
+    return bool(((rows >= lo) & (rows <= lo + span)).all())
 
 
 def bytes_per_row(template: Any) -> int:
@@ -127,24 +150,24 @@ def load(path: Path, mmap: bool) -> Any:
     return index
 
 
-def check_shard(shard: Any, dim: int, metric: str, where: str) -> None:
-    if shard.d != dim or shard.metric_type != faiss_metric(metric):
-        raise FormatError(f"shard has dim {shard.d} and metric type {shard.metric_type}: "
-                          f"the manifest says dim {dim}, metric {metric}", where)
+def check_shard(shard: Any, width: int, where: str) -> None:
+    faiss = import_faiss()
+    if shard.d != width or shard.metric_type != faiss.METRIC_L2:
+        raise FormatError(f"shard has width {shard.d} and metric type {shard.metric_type}: "
+                          f"the manifest says width {width}, L2", where)
 
 
 class Shards:
     """Search over base shards and an optional delta shard with one coarse assignment."""
 
-    def __init__(self, shards: list[Any], metric: str) -> None:
+    def __init__(self, shards: list[Any]) -> None:
         self.shards = shards
-        self.metric = metric
         self.nlist = int(shards[0].nlist)
         self.quantizer = shards[0].quantizer
 
     def candidates(self, q: np.ndarray, nprobe: int, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """(approximate scores, row ids) of the best ``r`` per query over every shard;
-        id -1 where fewer were found. Scores: similarity, or distance for l2."""
+        """(approximate L2 distances, row ids) of the best ``r`` per query over every
+        shard, in the transformed space; id -1 where fewer were found."""
         faiss = import_faiss()
         n = len(q)
         nprobe = max(1, min(int(nprobe), self.nlist))
@@ -163,7 +186,6 @@ class Shards:
         if len(self.shards) == 1:
             return found_d[0], found_i[0]
         d, i = np.concatenate(found_d, 1), np.concatenate(found_i, 1)
-        key = d if self.metric == "l2" else -d
-        key = np.where(i < 0, np.inf, key)
+        key = np.where(i < 0, np.inf, d)
         order = np.argsort(key, axis=1, kind="stable")[:, :r]
         return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)

@@ -21,6 +21,7 @@ from embstore.errors import FormatError, InvalidArgumentError, MissingFileError
 from embstore.retrieval import _faiss, _layout, _seams, fingerprint, manifest
 from embstore.retrieval.exact import Neighbors, as_queries, check_k, check_metric, normalized
 from embstore.retrieval.rescore import rescore
+from embstore.retrieval.transform import Transform
 
 PROBE_ROWS = 16  # rows whose fingerprints tell another table from a stale one
 
@@ -40,6 +41,7 @@ class AnnIndex:
         self.version = version
         self._body = body
         self._shards = shards
+        self._transform = Transform.from_json(body["metric"], body["dim"], body["transform"])
         self._lock = threading.Lock()
 
     # --- what it is --------------------------------------------------------------------
@@ -97,7 +99,7 @@ class AnnIndex:
         probe = int(nprobe or self.nprobe)
         if probe < 1:
             raise InvalidArgumentError(f"nprobe must be >= 1, got {nprobe}")
-        _, cand = self._shards.candidates(q, probe, r)
+        _, cand = self._shards.candidates(self._transform.queries(q), probe, r)
         ids, scores = rescore(self.table, q, cand, k, self.metric)
         if _wants_keys(self.table, return_keys):
             found = ids >= 0
@@ -186,13 +188,13 @@ def load_version(version: Path, verify: bool, mmap: bool
     shards = []
     for name in names:
         shard = _faiss.load(version / name, mmap)
-        _faiss.check_shard(shard, body["dim"], body["metric"], str(version / name))
+        _faiss.check_shard(shard, body["transform"]["width"], str(version / name))
         shards.append(shard)
     total = sum(int(s.ntotal) for s in shards)
     if total != body["base_rows"] + body["delta_rows"]:
         raise FormatError(f"shards hold {total} rows: the manifest says {body['base_rows']} "
                           f"in the base and {body['delta_rows']} in the delta", str(version))
-    return body, _faiss.Shards(shards, body["metric"])
+    return body, _faiss.Shards(shards)
 
 
 def check_matches(index: AnnIndex, metric: str | None) -> None:

@@ -30,11 +30,13 @@ from embstore.progress import Progress
 from embstore.retrieval import _faiss, _layout, _seams, fingerprint, manifest
 from embstore.retrieval.ann import AnnIndex, open_index
 from embstore.retrieval.exact import check_metric, normalized, top_k
+from embstore.retrieval.transform import RowStats, Transform
 
 DEFAULT_BUDGET = 256 << 20   # working memory of a build, beyond interpreter and libraries
 DEFAULT_RERANK = 32          # candidates re-scored exactly per query (measured: RETRIEVAL.md)
 DEFAULT_TARGET = 0.95        # recall@10 the tuned nprobe must reach on the tuning queries
-TUNE_QUERIES = 256
+TUNE_QUERIES = 512
+TUNE_MARGIN = 0.01           # tuned on a sample of queries: aim this much above the target
 TUNE_NOISE = 0.3             # default tuning queries: rows + noise of this x the rows' std
 CHUNK_BYTES = 16 << 20       # rows read per step of a streaming pass
 # Salts the sampler's seed: numpy pads seed entropy with zeros, so default_rng(0) and
@@ -53,14 +55,18 @@ def chunk_rows_for(dim: int) -> int:
     return max(1024, CHUNK_BYTES // (4 * dim))
 
 
-def sample_rows(table: Any, want: int, seed: int, progress: Any = False) -> np.ndarray:
-    """About ``want`` rows drawn uniformly (Bernoulli, seeded) in one streaming pass."""
+def sample_rows(table: Any, want: int, seed: int, progress: Any = False,
+                stats: RowStats | None = None, metric: str = "dot") -> np.ndarray:
+    """About ``want`` rows drawn uniformly (Bernoulli, seeded) in one streaming pass;
+    ``stats`` (if given) sees every row (unit length for cosine)."""
     n = table.num_rows
     p = min(1.0, want / max(1, n))
     rng = np.random.default_rng([SAMPLE_SALT, seed])
     picked = []
     with Progress(n, f"sample {table.name}", progress) as bar:
         for x in table.iter_rows(chunk_rows_for(table.dim)):
+            if stats is not None:
+                stats.update(normalized(x) if metric == "cosine" else x)
             picked.append(x[rng.random(len(x)) < p] if p < 1 else x)
             bar.update(len(x))
     out = np.concatenate(picked) if picked else np.empty((0, table.dim), np.float32)
@@ -77,8 +83,8 @@ def tuning_queries(sample: np.ndarray, count: int, seed: int) -> np.ndarray:
     return base + TUNE_NOISE * std * rng.standard_normal(base.shape).astype(np.float32)
 
 
-def encode_shards(table: Any, template: Any, build: Path, metric: str, budget_rows: int,
-                  progress: Any = False) -> tuple[list[str], int]:
+def encode_shards(table: Any, template: Any, build: Path, transform: Transform,
+                  budget_rows: int, progress: Any = False) -> tuple[list[str], int]:
     """Add every row to shards of at most about ``budget_rows`` rows, writing each shard
     and the fingerprints file as it goes. Returns (shard file names, rows)."""
     names: list[str] = []
@@ -98,7 +104,7 @@ def encode_shards(table: Any, template: Any, build: Path, metric: str, budget_ro
                 if shard is None:
                     shard = _faiss.new_shard(template)
                 ids = np.arange(first, first + len(x), dtype=np.int64)
-                _faiss.add(shard, normalized(x) if metric == "cosine" else x, ids)
+                _faiss.add(shard, transform.rows(x), ids)
                 yield fingerprint.fingerprints(x)
                 first += len(x)
                 in_shard += len(x)
@@ -124,7 +130,8 @@ def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
 def tune_nprobe(index: AnnIndex, queries: np.ndarray, target: float, k: int = 10
                 ) -> tuple[int, dict[str, Any]]:
     """Smallest nprobe (powers of two, then 3/4 of the first that passes) reaching
-    ``target`` recall@k against the exact top-k."""
+    ``target`` recall@k against the exact top-k, plus TUNE_MARGIN for the sampling
+    error of the tuning queries."""
     exact = top_k(index.table, queries, k, index.metric, return_keys=False).ids
     nlist = index._shards.nlist
     curve: list[list[float]] = []
@@ -135,10 +142,11 @@ def tune_nprobe(index: AnnIndex, queries: np.ndarray, target: float, k: int = 10
         curve.append([p, round(r, 4)])
         return r
 
+    aim = min(1.0, target + TUNE_MARGIN)
     probe = 1
-    while recall(probe) < target and probe < nlist:
+    while recall(probe) < aim and probe < nlist:
         probe = min(nlist, probe * 2)
-    if probe >= 4 and recall(probe * 3 // 4) >= target:
+    if probe >= 4 and recall(probe * 3 // 4) >= aim:
         probe = probe * 3 // 4
     chosen = [r for p, r in curve if p == probe][-1]
     return probe, {"queries": len(queries), "k": k, "target_recall": target,
@@ -166,7 +174,7 @@ def build_index(table: Any, name: str = "default", *, metric: str = "dot",
 
     ``kind``: a faiss ``IVF<nlist>,<code>`` string (default ``IVF<~sqrt(rows)>,SQ8``).
     ``nprobe``: lists scanned per query; by default tuned to the smallest reaching
-    ``target_recall`` recall@10 on ``tune_queries`` (default: 256 table rows plus
+    ``target_recall`` recall@10 on ``tune_queries`` (default: 512 table rows plus
     noise; pass real queries when you have them). ``rerank``: candidates re-scored
     exactly. ``memory_budget``: bytes the build may hold (sample, one shard's codes, a
     chunk); larger tables are written as several shards."""
@@ -206,22 +214,23 @@ def _build_files(table: Any, store: Any, build: Path, kind: str, metric: str, re
     few thousand sampled rows to draw tuning queries from."""
     t0 = time.perf_counter()
     step, lsn, gen = int(table.step), _seams.log_position(store), int(store.generation)
-    sample = sample_rows(table, params["train_rows"], params["seed"], progress)
+    stats = RowStats(table.dim)
+    sample = sample_rows(table, params["train_rows"], params["seed"], progress, stats, metric)
     kept = sample[:4096].copy()
-    if metric == "cosine":
-        sample = normalized(sample)
-    template = _faiss.trained(kind, table.dim, metric, sample)
+    transform = Transform.for_table(metric, table.dim, stats)
+    template = _faiss.trained(kind, transform.rows(sample), transform.ranges(stats))
     del sample
     _faiss.save(template, build / "template.faiss")
     sample_bytes = params["train_rows"] * table.dim * 4
     work = params["memory_budget"] - sample_bytes // 2 - 4 * CHUNK_BYTES
     budget_rows = max(chunk_rows_for(table.dim), work // _faiss.bytes_per_row(template))
-    shards, rows = encode_shards(table, template, build, metric, budget_rows, progress)
+    shards, rows = encode_shards(table, template, build, transform, budget_rows, progress)
     body = {
         "library": "faiss", "library_version": _faiss.import_faiss().__version__,
         "kind": kind, "metric": metric, "dim": int(table.dim), "table": table.name,
         "key_type": table.key_type, "rows": rows, "base_rows": rows, "table_step": step,
         "store_lsn": lsn, "store_generation": gen, "store_path": str(store.path),
+        "transform": transform.to_json(),
         "search": {"nprobe": 1, "rerank": int(rerank)}, "tuning": {"fixed": True},
         "params": params, "shards": shards, "template": "template.faiss",
         "delta": None, "delta_ids": None, "delta_rows": 0,
@@ -234,5 +243,5 @@ def _build_files(table: Any, store: Any, build: Path, kind: str, metric: str, re
 def load_version_unchecked(build: Path, body: dict[str, Any]) -> Any:
     """The shards of a version still being written (no manifest on disk yet)."""
     names = list(body["shards"]) + ([body["delta"]] if body.get("delta") else [])
-    return _faiss.Shards([_faiss.load(build / n, mmap=True) for n in names], body["metric"])
+    return _faiss.Shards([_faiss.load(build / n, mmap=True) for n in names])
 

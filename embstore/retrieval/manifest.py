@@ -24,6 +24,9 @@ store_lsn            the log position whose rows were read (the writer's log end
                      ``Store.checkpoint_lsn``): a byte position in the store's log
 store_generation     ``Store.generation`` then
 store_path           where the store was (informative: stores are copied and moved)
+transform            the index's L2 space (``transform.py``): ``width`` (dim, +1 for
+                     dot, padded to a multiple of 8) and ``max_norm`` (dot: the M of
+                     ``[x, sqrt(M^2 - |x|^2)]``)
 search               defaults: ``nprobe`` (lists scanned), ``rerank`` (candidates
                      re-scored exactly from the table)
 tuning               how ``nprobe`` was chosen: queries, target and measured recall@10
@@ -146,6 +149,10 @@ def validate_body(body: dict[str, Any], where: str) -> None:
                  "refreshes"):
         need(_int(body.get(name), 0, big), f"{name} missing or out of range")
     need(body["base_rows"] <= body["rows"], "base_rows must not exceed rows")
+    tr = body.get("transform")
+    need(isinstance(tr, dict) and _int(tr.get("width"), body["dim"], body["dim"] + 8)
+         and isinstance(tr.get("max_norm"), (int, float)) and not isinstance(tr["max_norm"], bool)
+         and 0 <= tr["max_norm"] < 1e30, "transform (width, max_norm)")
     search = body.get("search")
     need(isinstance(search, dict) and _int(search.get("nprobe"), 1, 1 << 20)
          and _int(search.get("rerank"), 1, 1 << 16), "search (nprobe, rerank)")

@@ -28,7 +28,7 @@ from embstore.progress import Progress
 from embstore.retrieval import _faiss, _layout, _seams, fingerprint, manifest
 from embstore.retrieval.ann import AnnIndex, open_index
 from embstore.retrieval.build import build_index, chunk_rows_for, now, write_manifest
-from embstore.retrieval.exact import normalized
+from embstore.retrieval.transform import Transform
 
 DEFAULT_REBUILD_FRACTION = 0.25
 GATHER_ROWS = 65536  # rows re-read per step when encoding the delta
@@ -52,11 +52,14 @@ def refresh_index(index: AnnIndex, changed_ids: Any = None, *,
         build = _layout.new_build_dir(directory)
         try:
             delta = _delta_rows(table, old_version, body, build, changed_ids, progress)
-            cost = len(delta) * _faiss.bytes_per_row(_template(old_version, body))
+            template = _template(old_version, body)
+            cost = len(delta) * _faiss.bytes_per_row(template)
             rebuild = cost > body["params"]["memory_budget"] or \
                 len(delta) > rebuild_fraction * table.num_rows
             if not rebuild:
-                _write_version(table, index.store, old_version, body, build, delta)
+                rebuild = not _write_version(table, index.store, old_version, body, build,
+                                             delta, template)
+            if not rebuild:
                 _layout.publish(directory, build)
         finally:
             shutil.rmtree(build, ignore_errors=True)  # gone already once published
@@ -150,16 +153,23 @@ def _patch_fingerprints(table: Any, old_fp: Path, old_rows: int, new_fp: Path,
 
 
 def _write_version(table: Any, store: Any, old: Path, body: dict[str, Any], build: Path,
-                   delta: np.ndarray) -> None:
-    """Link the base, encode the delta, write the manifest of the new version."""
+                   delta: np.ndarray, template: Any) -> bool:
+    """Link the base, encode the delta, write the manifest of the new version. False
+    (nothing published) when a delta row no longer fits the base's space: a row whose
+    norm outgrew the dot transform's M, or a value beyond a quantiser range, would be
+    encoded wrongly and missed: the index must be rebuilt."""
     for name in list(body["shards"]) + [body["template"]]:
         _layout.link_or_copy(old / name, build / name)
     new = dict(body)
     if len(delta):
-        shard = _faiss.new_shard(_template(old, body))
+        shard = _faiss.new_shard(template)
+        transform = Transform.from_json(body["metric"], body["dim"], body["transform"])
         for part in np.array_split(delta, max(1, len(delta) // GATHER_ROWS)):
             rows = _seams.rows_by_id(table, part)
-            _faiss.add(shard, normalized(rows) if body["metric"] == "cosine" else rows, part)
+            if not transform.fits(rows) or not _faiss.within_ranges(template,
+                                                                     transform.rows(rows)):
+                return False
+            _faiss.add(shard, transform.rows(rows), part)
         _faiss.save(shard, build / "delta.faiss")
         _seams.write_file_synced(build / "delta.ids", delta.astype("<i8").tobytes())
         new.update(delta="delta.faiss", delta_ids="delta.ids", delta_rows=int(len(delta)))
@@ -170,6 +180,7 @@ def _write_version(table: Any, store: Any, old: Path, body: dict[str, Any], buil
                updated=now(), refreshes=body["refreshes"] + 1,
                search=dict(body["search"]), fingerprints=fingerprint.FILE_NAME)
     write_manifest(build, new)
+    return True
 
 
 def _rebuild(index: AnnIndex, body: dict[str, Any], progress: Any) -> AnnIndex:
