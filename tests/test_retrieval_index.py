@@ -17,7 +17,7 @@ import embstore
 from embstore import errors
 from embstore.retrieval import build_index, open_index, refresh_index, top_k
 from embstore.retrieval import manifest as index_manifest
-from embstore.retrieval.build import recall_at
+from embstore.retrieval.tune import recall_at
 
 faiss = pytest.importorskip("faiss")
 
@@ -310,7 +310,7 @@ def test_bad_current_pointer(items, current: str) -> None:
         open_index(table)
 
 
-def test_no_index_is_a_missing_file_error(items) -> None:
+def test_no_index_is_index_not_found(items) -> None:
     store, table, _ = items
-    with pytest.raises(errors.MissingFileError, match="build one"):
+    with pytest.raises(errors.IndexNotFoundError, match="build one"):
         open_index(table)

@@ -25,7 +25,7 @@ import embstore  # noqa: E402
 import embstore.tensorflow as etf  # noqa: E402
 from embstore import errors  # noqa: E402
 from embstore.retrieval import build_index, open_index, refresh_index, top_k  # noqa: E402
-from embstore.tensorflow import bundle as bundle_mod  # noqa: E402
+from embstore.retrieval.manifest import canonical  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 8
@@ -167,7 +167,7 @@ def test_bundle_exists_already_is_refused(two_tower, tmp_path: Path) -> None:
 def _rewrite(path: Path, edit) -> None:
     doc = json.loads(path.read_text())
     edit(doc["body"])
-    doc["crc32"] = zlib.crc32(bundle_mod._canonical(doc["body"]))
+    doc["crc32"] = zlib.crc32(canonical(doc["body"]))
     path.write_text(json.dumps(doc))
 
 

@@ -62,25 +62,27 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _register_refresh(actions, common)
 
 
-def _target(p: argparse.ArgumentParser, table_optional: bool = False) -> None:
+def _action(actions: Any, common: argparse.ArgumentParser, name: str, summary: str,
+            description: str, table_optional: bool = False) -> argparse.ArgumentParser:
+    """One ACTION's parser: PATH, TABLE, --name, --json and the shared epilog."""
+    p = actions.add_parser(name, parents=[common], formatter_class=Formatter, epilog=EPILOG,
+                           help=summary, description=description)
     p.add_argument("path", metavar="PATH", help="store directory")
     p.add_argument("table", metavar="TABLE", nargs="?" if table_optional else None,
                    help="table name" + (" (default: every table)" if table_optional else ""))
     p.add_argument("--name", default=None if table_optional else "default",
-                   help="index name (default: 'default'" +
-                   ("; info: every index)" if table_optional else ")"))
+                   help="index name (default: " + ("every index)" if table_optional
+                                                   else "'default')"))
     add_json(p)
+    return p
 
 
 def _register_build(actions: Any, common: argparse.ArgumentParser) -> None:
-    b = actions.add_parser("build", parents=[common], formatter_class=Formatter,
-                           epilog=EPILOG, help="build an index over a table",
-                           description="Build an approximate index over TABLE in bounded "
-                           "memory (one streaming pass to sample, one to encode) and save "
-                           "it under PATH/indexes/TABLE/NAME.")
-    _target(b)
+    b = _action(actions, common, "build", "build an index over a table",
+                "Build an approximate index over TABLE in bounded memory (one streaming "
+                "pass to sample, one to encode) and save it under PATH/indexes/TABLE/NAME.")
     b.add_argument("--metric", choices=("dot", "cosine", "l2"), default="dot")
-    b.add_argument("--kind", help="faiss IVF factory string (default IVF<~sqrt(rows)>,SQ8)")
+    b.add_argument("--kind", help="faiss IVF factory string (default IVF<~sqrt(rows)>,SQfp16)")
     b.add_argument("--nprobe", type=int, help="lists scanned per query (default: tuned)")
     b.add_argument("--target-recall", type=float, default=0.95,
                    help="recall@10 the tuned nprobe must reach (default 0.95)")
@@ -92,22 +94,17 @@ def _register_build(actions: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _register_info(actions: Any, common: argparse.ArgumentParser) -> None:
-    i = actions.add_parser("info", parents=[common], formatter_class=Formatter,
-                           epilog=EPILOG, help="indexes and how stale they are",
-                           description="List the indexes beside a store: kind, metric, "
-                           "rows, search settings, bytes, and how far each is behind its "
-                           "table (optimizer steps, log bytes, rows not indexed).")
-    _target(i, table_optional=True)
+    i = _action(actions, common, "info", "indexes and how stale they are",
+                "List the indexes beside a store: kind, metric, rows, search settings, "
+                "bytes, and how far each is behind its table (optimizer steps, log bytes, "
+                "rows not indexed).", table_optional=True)
     i.set_defaults(func=run_info)
 
 
 def _register_query(actions: Any, common: argparse.ArgumentParser) -> None:
-    q = actions.add_parser("query", parents=[common], formatter_class=Formatter,
-                           epilog=EPILOG, help="top-k rows for query vectors",
-                           description="Top-k rows of TABLE for query vectors: rows of "
-                           "another table (--from-table T --ids ...) or a .npy file of "
-                           "shape (q, dim).")
-    _target(q)
+    q = _action(actions, common, "query", "top-k rows for query vectors",
+                "Top-k rows of TABLE for query vectors: rows of another table (--from-table "
+                "T --ids ...) or a .npy file of shape (q, dim).")
     q.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     q.add_argument("--from-table", metavar="T", help="take query vectors from rows of T")
     q.add_argument("--ids", help="row ids of the query rows (with --from-table), e.g. 3,7")
@@ -120,12 +117,9 @@ def _register_query(actions: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _register_refresh(actions: Any, common: argparse.ArgumentParser) -> None:
-    r = actions.add_parser("refresh", parents=[common], formatter_class=Formatter,
-                           epilog=EPILOG, help="bring an index up to date with its table",
-                           description="Re-index rows changed (found by fingerprint) or "
-                           "appended since the index was built; rebuild when over "
-                           "--rebuild-fraction of the table changed.")
-    _target(r)
+    r = _action(actions, common, "refresh", "bring an index up to date with its table",
+                "Re-index rows changed (found by fingerprint) or appended since the index "
+                "was built; rebuild when over --rebuild-fraction of the table changed.")
     r.add_argument("--rebuild-fraction", type=float, default=0.25,
                    help="rebuild when more than this fraction changed (default 0.25)")
     r.set_defaults(func=run_refresh)

@@ -17,7 +17,8 @@ files keeps them (an unlinked file lives while mapped), and one that read CURREN
 before the switch retries once (:func:`read_current`). Unchanged shard files are
 hard-linked into a new version, so a refresh writes only what changed.
 
-Names never end in ``.tmp``: ``Store.compact`` deletes such files anywhere in a store.
+Directories never end in ``.tmp``: ``Store.compact`` deletes such names anywhere in a
+store (only ``CURRENT.tmp`` exists for a moment, inside the atomic write of CURRENT).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from typing import Iterator
 
 from embstore.errors import (
     FormatError,
+    IndexNotFoundError,
     InvalidArgumentError,
-    MissingFileError,
     UnsafePathError,
     WriterLockedError,
 )
@@ -76,9 +77,9 @@ def read_current(directory: Path) -> Path:
         with open(path, "rb") as f:
             raw = f.read(64)
     except FileNotFoundError:
-        raise MissingFileError(f"no index at {directory} (no {CURRENT} file): build one "
-                               "with embstore.retrieval.build_index or 'embstore-cli index "
-                               "build'", str(path)) from None
+        raise IndexNotFoundError(f"no index at {directory}: build one with "
+                                 "embstore.retrieval.build_index or 'embstore-cli index "
+                                 "build'") from None
     text = raw.decode("ascii", "replace").strip()
     if not VERSION.fullmatch(text):
         raise UnsafePathError(f"{CURRENT} names {text[:20]!r}: expected vNNNNNN", str(path))
@@ -125,12 +126,7 @@ def publish(directory: Path, build: Path) -> Path:
     _seams.fsync_dir(build)
     os.rename(build, version)
     _seams.fsync_dir(directory)
-    tmp = directory / f"{CURRENT}.new"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    _seams.write_file_synced(tmp, (version.name + "\n").encode())
-    os.replace(tmp, directory / CURRENT)
-    _seams.fsync_dir(directory)
+    _seams.atomic_write(directory / CURRENT, (version.name + "\n").encode())
     for d in directory.iterdir():  # older versions: their mapped files stay alive
         if VERSION.fullmatch(d.name) and d != version and not d.is_symlink():
             shutil.rmtree(d, ignore_errors=True)

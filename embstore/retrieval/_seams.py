@@ -63,22 +63,14 @@ def fsync_dir(directory: Path) -> None:
     core_fsync_dir(directory)
 
 
-def write_file_synced(path: Path, data: bytes) -> None:
-    """Write a new file and fsync it (the caller renames its directory into place)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` durably: a crash leaves the old bytes or the new, never a mix
+    (temp file, fsync, rename, fsync of the directory)."""
+    from embstore.format import atomic_write as core_atomic_write  # core API seam: fs module
+    core_atomic_write(path, data)
 
 
 def fsync_file(path: Path) -> None:
     """fsync a file another library wrote (an ANN index's own ``save``)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -5,14 +5,15 @@
 2. **Encode** (one streaming pass): rows are added chunk by chunk to the current shard;
    when the shard's codes reach the memory budget it is written (fsync) and freed, and
    the next shard starts. Row fingerprints are written in the same pass.
-3. **Tune**: the smallest ``nprobe`` whose recall@10 against the exact top-k (the
-   streaming ``top_k``) reaches ``target_recall`` on the tuning queries.
+3. **Tune** (``tune.py``): the smallest ``nprobe`` whose recall@10 against the exact
+   top-k (the streaming ``top_k``) reaches ``target_recall`` on the tuning queries.
 4. **Publish**: manifest with checksums, then the directory rename and CURRENT switch of
    ``_layout.publish``.
 
 Nothing proportional to the table is held: the peak is the training sample, one
-shard's codes and a row chunk. The table is read with pread (``Table.iter_rows``), so
-its pages are not mapped into the builder and do not count in its RSS.
+shard's codes and a row chunk. The table is read with pread (``Table.iter_rows``) and
+tuning maps one shard at a time, so neither the table's pages nor the whole index are
+mapped into the builder and its RSS stays within the budget (docs/RETRIEVAL.md).
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from embstore.errors import InvalidArgumentError
 from embstore.progress import Progress
 from embstore.retrieval import _faiss, _layout, _seams, fingerprint, manifest
 from embstore.retrieval.ann import AnnIndex, open_index
-from embstore.retrieval.exact import check_metric, normalized, top_k
+from embstore.retrieval.exact import check_metric, normalized
 from embstore.retrieval.transform import RowStats, Transform
+from embstore.retrieval.tune import tune_nprobe
 
 DEFAULT_BUDGET = 256 << 20   # working memory of a build, beyond interpreter and libraries
 DEFAULT_RERANK = 32          # candidates re-scored exactly per query (measured: RETRIEVAL.md)
 DEFAULT_TARGET = 0.95        # recall@10 the tuned nprobe must reach on the tuning queries
 TUNE_QUERIES = 512
-TUNE_MARGIN = 0.01           # tuned on a sample of queries: aim this much above the target
 TUNE_NOISE = 0.3             # default tuning queries: rows + noise of this x the rows' std
 CHUNK_BYTES = 16 << 20       # rows read per step of a streaming pass
 # Salts the sampler's seed: numpy pads seed entropy with zeros, so default_rng(0) and
@@ -121,36 +122,15 @@ def encode_shards(table: Any, template: Any, build: Path, transform: Transform,
     return names, first
 
 
-def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
-    """Mean fraction of each query's exact neighbours that were found."""
-    hits = [len(np.intersect1d(f[f >= 0], e)) / max(1, len(e)) for f, e in zip(found, exact)]
-    return float(np.mean(hits)) if hits else 1.0
-
-
-def tune_nprobe(index: AnnIndex, queries: np.ndarray, target: float, k: int = 10
-                ) -> tuple[int, dict[str, Any]]:
-    """Smallest nprobe (powers of two, then 3/4 of the first that passes) reaching
-    ``target`` recall@k against the exact top-k, plus TUNE_MARGIN for the sampling
-    error of the tuning queries."""
-    exact = top_k(index.table, queries, k, index.metric, return_keys=False).ids
-    nlist = index._shards.nlist
-    curve: list[list[float]] = []
-
-    def recall(p: int) -> float:
-        got = index.search(queries, k, nprobe=p, return_keys=False).ids
-        r = recall_at(got, exact)
-        curve.append([p, round(r, 4)])
-        return r
-
-    aim = min(1.0, target + TUNE_MARGIN)
-    probe = 1
-    while recall(probe) < aim and probe < nlist:
-        probe = min(nlist, probe * 2)
-    if probe >= 4 and recall(probe * 3 // 4) >= aim:
-        probe = probe * 3 // 4
-    chosen = [r for p, r in curve if p == probe][-1]
-    return probe, {"queries": len(queries), "k": k, "target_recall": target,
-                   "recall_at_k": chosen, "curve": sorted(curve)}
+def release_freed_memory() -> None:
+    """Hand memory freed by the shards' codes back to the kernel (glibc keeps small and
+    medium blocks for reuse: measured, 180 MB stayed resident after the last shard was
+    written, and tuning's mapped shard came on top of it)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def write_manifest(build: Path, body: dict[str, Any]) -> None:
@@ -159,7 +139,7 @@ def write_manifest(build: Path, body: dict[str, Any]) -> None:
     if body.get("delta"):
         names += [body["delta"], body["delta_ids"]]
     body["files"] = {n: manifest.file_entry(build / n) for n in names}
-    _seams.write_file_synced(build / manifest.MANIFEST_NAME, manifest.pack(body))
+    _seams.atomic_write(build / manifest.MANIFEST_NAME, manifest.pack(body))
 
 
 def build_index(table: Any, name: str = "default", *, metric: str = "dot",
@@ -172,7 +152,7 @@ def build_index(table: Any, name: str = "default", *, metric: str = "dot",
     """Build an approximate index over ``table`` and save it beside the store (or at
     ``path``); returns it opened for serving.
 
-    ``kind``: a faiss ``IVF<nlist>,<code>`` string (default ``IVF<~sqrt(rows)>,SQ8``).
+    ``kind``: a faiss ``IVF<nlist>,<code>`` string (default ``IVF<~sqrt(rows)>,SQfp16``).
     ``nprobe``: lists scanned per query; by default tuned to the smallest reaching
     ``target_recall`` recall@10 on ``tune_queries`` (default: 512 table rows plus
     noise; pass real queries when you have them). ``rerank``: candidates re-scored
@@ -196,12 +176,14 @@ def build_index(table: Any, name: str = "default", *, metric: str = "dot",
         build = _layout.new_build_dir(directory)
         body, kept = _build_files(table, store, build, kind, metric, rerank, params,
                                   progress)
-        index = AnnIndex(table, store, directory, build, body,
-                         load_version_unchecked(build, body))
         if nprobe is None:
             queries = (np.asarray(tune_queries, np.float32) if tune_queries is not None
                        else tuning_queries(kept, TUNE_QUERIES, seed))
-            nprobe, body["tuning"] = tune_nprobe(index, queries, target_recall)
+            template = _faiss.load(build / body["template"], mmap=False)
+            shards = _faiss.StreamedShards([build / n for n in body["shards"]], template)
+            transform = Transform.from_json(metric, table.dim, body["transform"])
+            nprobe, body["tuning"] = tune_nprobe(table, shards, transform, queries,
+                                                 target_recall, rerank)
         body["search"]["nprobe"] = int(nprobe)
         write_manifest(build, body)
         _layout.publish(directory, build)
@@ -222,9 +204,14 @@ def _build_files(table: Any, store: Any, build: Path, kind: str, metric: str, re
     del sample
     _faiss.save(template, build / "template.faiss")
     sample_bytes = params["train_rows"] * table.dim * 4
+    # half the working memory for one shard's codes: the other half holds the row
+    # chunks, what the allocator keeps after a shard is freed, and, while tuning, one
+    # memory-mapped shard (measured: docs/RETRIEVAL.md "Build memory")
     work = params["memory_budget"] - sample_bytes // 2 - 4 * CHUNK_BYTES
-    budget_rows = max(chunk_rows_for(table.dim), work // _faiss.bytes_per_row(template))
+    budget_rows = max(chunk_rows_for(table.dim), work // 2 // _faiss.bytes_per_row(template))
     shards, rows = encode_shards(table, template, build, transform, budget_rows, progress)
+    del template
+    release_freed_memory()
     body = {
         "library": "faiss", "library_version": _faiss.import_faiss().__version__,
         "kind": kind, "metric": metric, "dim": int(table.dim), "table": table.name,
@@ -238,10 +225,3 @@ def _build_files(table: Any, store: Any, build: Path, kind: str, metric: str, re
         "updated": now(), "refreshes": 0,
         "build_seconds": round(time.perf_counter() - t0, 3)}
     return body, kept
-
-
-def load_version_unchecked(build: Path, body: dict[str, Any]) -> Any:
-    """The shards of a version still being written (no manifest on disk yet)."""
-    names = list(body["shards"]) + ([body["delta"]] if body.get("delta") else [])
-    return _faiss.Shards([_faiss.load(build / n, mmap=True) for n in names])
-

@@ -13,7 +13,7 @@ mismatch (ChecksumError), and a body whose fields fail :func:`validate_body`
 
 ===================  ================================================================
 library              "faiss" (the only backend so far); ``library_version`` as built
-kind                 the backend's index kind, e.g. "IVF1024,SQ8" (a faiss factory)
+kind                 the backend's index kind, e.g. "IVF1024,SQfp16" (a faiss factory)
 metric, dim          "dot" | "cosine" | "l2"; row width, 1..65536
 table, key_type      the table the index was built from and its key type (or null)
 rows                 rows indexed: row ids 0 .. rows-1 (rows appended later are not)
@@ -25,8 +25,9 @@ store_lsn            the log position whose rows were read (the writer's log end
 store_generation     ``Store.generation`` then
 store_path           where the store was (informative: stores are copied and moved)
 transform            the index's L2 space (``transform.py``): ``width`` (dim, +1 for
-                     dot, padded to a multiple of 8) and ``max_norm`` (dot: the M of
-                     ``[x, sqrt(M^2 - |x|^2)]``)
+                     dot, padded to a multiple of 8), ``max_norm`` (dot: the M of
+                     ``[x, sqrt(M^2 - |x|^2)]``) and ``scale`` (rows and queries are
+                     multiplied by it)
 search               defaults: ``nprobe`` (lists scanned), ``rerank`` (candidates
                      re-scored exactly from the table)
 tuning               how ``nprobe`` was chosen: queries, target and measured recall@10
@@ -84,47 +85,60 @@ def canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+def pack_document(body: dict[str, Any], format_name: str, version: int) -> bytes:
+    """``{"format", "version", "crc32", "body"}`` as UTF-8 JSON (also bundle.json's)."""
+    doc = {"format": format_name, "version": version, "crc32": zlib.crc32(canonical(body)),
+           "body": body}
+    return json.dumps(doc, sort_keys=True, indent=1, allow_nan=False).encode() + b"\n"
+
+
+def read_document(path: Path, format_name: str, version: int, max_bytes: int
+                  ) -> dict[str, Any]:
+    """The body of a document written by :func:`pack_document`, after the checks every
+    hostile file gets: size cap, UTF-8 JSON, format name, version, CRC of the body."""
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise MissingFileError(f"no {path.name}", where) from None
+    if len(raw) > max_bytes:
+        raise FormatError(f"{path.name} is over {max_bytes} bytes", where)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{path.name} is not UTF-8 JSON: {exc}", where) from None
+    if not isinstance(doc, dict) or doc.get("format") != format_name:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise BadMagicError(f"format is {got!r}: expected {format_name!r}", where)
+    if doc.get("version") != version:
+        raise UnsupportedVersionError(
+            f"{format_name} version {doc.get('version')!r}: this embstore reads {version} "
+            "(write it again with this version)", where)
+    body = doc.get("body")
+    if not isinstance(body, dict):
+        raise FormatError(f"{path.name} body is not a JSON object", where)
+    try:
+        crc = zlib.crc32(canonical(body))
+    except ValueError as exc:  # NaN/Infinity smuggled into the body
+        raise FormatError(f"{path.name} body is not canonical JSON: {exc}", where) from None
+    if doc.get("crc32") != crc:
+        raise ChecksumError(f"{path.name} CRC is {doc.get('crc32')!r}: the body's is {crc}",
+                            where)
+    return body
+
+
 def pack(body: dict[str, Any]) -> bytes:
     """The manifest file's bytes for ``body`` (validated first: never write what we
     would refuse to read)."""
     validate_body(body, "<new manifest>")
-    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-           "crc32": zlib.crc32(canonical(body)), "body": body}
-    return json.dumps(doc, sort_keys=True, indent=1, allow_nan=False).encode() + b"\n"
+    return pack_document(body, FORMAT_NAME, FORMAT_VERSION)
 
 
 def read(path: Path) -> dict[str, Any]:
-    """The validated body of the manifest at ``path``."""
-    where = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        raise MissingFileError(f"no index manifest {MANIFEST_NAME}", where) from None
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise FormatError(f"manifest is over {MAX_MANIFEST_BYTES} bytes", where)
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"manifest is not UTF-8 JSON: {exc}", where) from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise BadMagicError(f"format is {got!r}: expected {FORMAT_NAME!r}", where)
-    if doc.get("version") != FORMAT_VERSION:
-        raise UnsupportedVersionError(
-            f"index format version {doc.get('version')!r}: this embstore reads "
-            f"{FORMAT_VERSION} (rebuild the index with this version)", where)
-    body = doc.get("body")
-    if not isinstance(body, dict):
-        raise FormatError("manifest body is not a JSON object", where)
-    try:
-        crc = zlib.crc32(canonical(body))
-    except ValueError as exc:  # NaN/Infinity smuggled into the body
-        raise FormatError(f"manifest body is not canonical JSON: {exc}", where) from None
-    if doc.get("crc32") != crc:
-        raise ChecksumError(f"manifest CRC is {doc.get('crc32')!r}: the body's is {crc}",
-                            where)
-    validate_body(body, where)
+    """The validated body of the index manifest at ``path``."""
+    body = read_document(path, FORMAT_NAME, FORMAT_VERSION, MAX_MANIFEST_BYTES)
+    validate_body(body, str(path))
     return body
 
 
@@ -152,7 +166,9 @@ def validate_body(body: dict[str, Any], where: str) -> None:
     tr = body.get("transform")
     need(isinstance(tr, dict) and _int(tr.get("width"), body["dim"], body["dim"] + 8)
          and isinstance(tr.get("max_norm"), (int, float)) and not isinstance(tr["max_norm"], bool)
-         and 0 <= tr["max_norm"] < 1e30, "transform (width, max_norm)")
+         and 0 <= tr["max_norm"] < 1e30 and isinstance(tr.get("scale"), (int, float))
+         and not isinstance(tr["scale"], bool) and 0 < tr["scale"] < 1e30,
+         "transform (width, max_norm, scale)")
     search = body.get("search")
     need(isinstance(search, dict) and _int(search.get("nprobe"), 1, 1 << 20)
          and _int(search.get("rerank"), 1, 1 << 16), "search (nprobe, rerank)")

@@ -171,7 +171,7 @@ def _write_version(table: Any, store: Any, old: Path, body: dict[str, Any], buil
                 return False
             _faiss.add(shard, transform.rows(rows), part)
         _faiss.save(shard, build / "delta.faiss")
-        _seams.write_file_synced(build / "delta.ids", delta.astype("<i8").tobytes())
+        _seams.atomic_write(build / "delta.ids", delta.astype("<i8").tobytes())
         new.update(delta="delta.faiss", delta_ids="delta.ids", delta_rows=int(len(delta)))
     else:
         new.update(delta=None, delta_ids=None, delta_rows=0)

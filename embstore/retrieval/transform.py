@@ -15,6 +15,10 @@ Why (measured, docs/RETRIEVAL.md "Choosing the index"):
 * **cosine** is L2 between unit vectors (``|q - x|^2 = 2 - 2 cos``); **l2** is itself.
 * The width is padded with zeros to a multiple of 8: faiss scores 8 dimensions per SIMD
   step and falls back to scalar code otherwise (dim 65 scanned 2.5-4x slower than 72).
+* Rows and queries are scaled by one factor (L2 order does not change) so the largest
+  row norm maps to ``SCALE_TARGET``: the default half-precision codes then neither
+  overflow (above 65504) nor lose precision to subnormals (below 6e-5), whatever the
+  table's magnitude.
 * 8-bit scalar quantisation gets each dimension's range from the whole table (one
   streaming pass), not from a sample: a sample misses the rare large values that matter
   most for inner products, and clipping them dropped recall to 0.63 on the trained table.
@@ -32,6 +36,7 @@ from embstore.retrieval.exact import normalized
 NORM_MARGIN = 1.25   # rows may grow this much after the build and still map exactly
 RANGE_MARGIN = 0.05  # scalar quantiser ranges widened by this fraction on each side
 SIMD_WIDTH = 8
+SCALE_TARGET = 256.0  # the largest norm after scaling: fp16 keeps 256x headroom
 
 
 class RowStats:
@@ -61,26 +66,32 @@ class Transform:
     dim: int
     width: int
     max_norm: float
+    scale: float = 1.0
 
     @classmethod
     def for_table(cls, metric: str, dim: int, stats: RowStats | None) -> "Transform":
         extra = 1 if metric == "dot" else 0
         width = -(-(dim + extra) // SIMD_WIDTH) * SIMD_WIDTH
-        m = NORM_MARGIN * float(np.sqrt(stats.max_sq)) if metric == "dot" and stats else 0.0
-        return cls(metric, dim, width, m if m > 0 else (1.0 if metric == "dot" else 0.0))
+        top = float(np.sqrt(stats.max_sq)) if stats is not None else 0.0
+        m = NORM_MARGIN * top if metric == "dot" else 0.0
+        m = m if m > 0 else (1.0 if metric == "dot" else 0.0)
+        biggest = max(m, top)
+        return cls(metric, dim, width, m, SCALE_TARGET / biggest if biggest > 0 else 1.0)
 
     @classmethod
     def from_json(cls, metric: str, dim: int, data: dict[str, Any]) -> "Transform":
-        return cls(metric, dim, int(data["width"]), float(data["max_norm"]))
+        return cls(metric, dim, int(data["width"]), float(data["max_norm"]),
+                   float(data["scale"]))
 
     def to_json(self) -> dict[str, Any]:
-        return {"width": self.width, "max_norm": self.max_norm}
+        return {"width": self.width, "max_norm": self.max_norm, "scale": self.scale}
 
     def _pad(self, x: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
         out = np.zeros((len(x), self.width), np.float32)
         out[:, : self.dim] = x
         if extra is not None:
             out[:, self.dim] = extra
+        out *= np.float32(self.scale)
         return out
 
     def rows(self, x: np.ndarray) -> np.ndarray:
@@ -112,5 +123,8 @@ class Transform:
             m2 = self.max_norm ** 2
             lo[self.dim] = np.sqrt(max(m2 - stats.max_sq, 0.0))
             hi[self.dim] = np.sqrt(max(m2 - stats.min_sq, 0.0))
+        used = self.dim + (1 if self.metric == "dot" else 0)
+        lo[:used] *= self.scale
+        hi[:used] *= self.scale
         span = np.maximum(hi - lo, 1e-6)
         return lo - RANGE_MARGIN * span, hi + RANGE_MARGIN * span

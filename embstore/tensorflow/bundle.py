@@ -26,11 +26,9 @@ SavedModel holds no rows and the index and the store are memory-mapped.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +36,11 @@ from typing import Any
 import numpy as np
 
 from embstore.errors import (
-    BadMagicError,
     ChecksumError,
     FormatError,
     InvalidArgumentError,
     StoreExistsError,
     UnsafePathError,
-    UnsupportedVersionError,
 )
 
 FORMAT_NAME = "embstore-bundle"
@@ -165,14 +161,9 @@ def _copy_index(saved_dir: str, dst: Path) -> dict[str, Any]:
 # --- manifest ---------------------------------------------------------------------------------
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
 def _write_manifest(path: Path, body: dict[str, Any]) -> None:
-    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-           "crc32": zlib.crc32(_canonical(body)), "body": body}
-    path.write_bytes(json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+    from embstore.retrieval.manifest import pack_document
+    path.write_bytes(pack_document(body, FORMAT_NAME, FORMAT_VERSION))
 
 
 def _entries(root: Path) -> dict[str, dict[str, int]]:
@@ -198,36 +189,10 @@ def _fsync_dir(path: Path) -> None:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The validated body of ``bundle.json`` (hostile until proven otherwise)."""
+    from embstore.retrieval.manifest import read_document
     path = directory / MANIFEST
-    where = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        from embstore.errors import MissingFileError
-        raise MissingFileError(f"no {MANIFEST}: not an embstore bundle", where) from None
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise FormatError(f"{MANIFEST} is over {MAX_MANIFEST_BYTES} bytes", where)
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"{MANIFEST} is not UTF-8 JSON: {exc}", where) from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise BadMagicError(f"not an embstore bundle manifest (format "
-                            f"{doc.get('format') if isinstance(doc, dict) else None!r})", where)
-    if doc.get("version") != FORMAT_VERSION:
-        raise UnsupportedVersionError(f"bundle version {doc.get('version')!r}: this embstore "
-                                      f"reads {FORMAT_VERSION}", where)
-    body = doc.get("body")
-    if not isinstance(body, dict):
-        raise FormatError("bundle body is not an object", where)
-    try:
-        crc = zlib.crc32(_canonical(body))
-    except ValueError as exc:
-        raise FormatError(f"bundle body is not canonical JSON: {exc}", where) from None
-    if doc.get("crc32") != crc:
-        raise ChecksumError("bundle manifest CRC mismatch", where)
-    _validate(body, where)
+    body = read_document(path, FORMAT_NAME, FORMAT_VERSION, MAX_MANIFEST_BYTES)
+    _validate(body, str(path))
     return body
 
 

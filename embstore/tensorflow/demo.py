@@ -190,7 +190,7 @@ def serve(path: Path, cfg: Config, world: World, table_bytes: int, out: TextIO) 
     import embstore
     import embstore.tensorflow as etf
     from embstore.retrieval import top_k as exact_top_k
-    from embstore.retrieval.build import recall_at
+    from embstore.retrieval.tune import recall_at
     budget = int(table_bytes * cfg.cache_fraction)
     t0 = time.perf_counter()
     store = embstore.open(path, mode="r", cache_bytes=budget)
