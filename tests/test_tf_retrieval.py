@@ -197,3 +197,18 @@ def test_damaged_and_hostile_bundles_give_typed_errors(two_tower, tmp_path: Path
     manifest.write_text(good)
     with pytest.raises(errors.StoreNotFoundError, match="store_path"):
         etf.load_bundle(out, store_path=tmp_path / "nowhere")
+
+
+def test_training_demo_serves_through_the_index(tmp_path: Path) -> None:
+    """The main demo, small: trains, builds the item index, serves top-k through it and
+    reports its recall against the exact search."""
+    import io
+
+    from embstore.tensorflow.demo import Config, run
+    out = io.StringIO()
+    cfg = Config(users=500, items=20_000, steps=6, epochs=1, batch=512, queries=128)
+    result = run(tmp_path / "demo", cfg, out)
+    text = out.getvalue()
+    assert "[index] IVF" in text and "through the index" in text
+    recall = float(text.split("recall@10 against exact ")[1].split(";")[0])
+    assert recall >= 0.9 and result["queries_per_s"] > 0

@@ -104,10 +104,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(args: list[str], timeout: float = 3600) -> dict[str, Any]:
+def child(args: list[str], timeout: float = 3600, env: dict[str, str] | None = None
+          ) -> dict[str, Any]:
     """Run this script in a child (``--child ...``); its last stdout line is JSON."""
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"child {args} failed: {proc.stderr[-2000:]}")
@@ -131,7 +132,7 @@ def numpy_top_k(x: np.ndarray, q: np.ndarray, buf: np.ndarray) -> np.ndarray:
     return ids
 
 
-def section_exact(a: argparse.Namespace, store: Any, q: np.ndarray, out: Any) -> float:
+def section_exact(a: argparse.Namespace, store: Any, q: np.ndarray, out: Any) -> None:
     table = store[a.table]
     x = np.concatenate(list(table.iter_rows()))
     buf = np.empty((64, len(x)), np.float32)  # 64 queries x rows: reused, first-touched once
@@ -146,18 +147,17 @@ def section_exact(a: argparse.Namespace, store: Any, q: np.ndarray, out: Any) ->
         t_es.append(len(q) / (time.perf_counter() - t0))
     ratio = [e / n for e, n in zip(t_es, t_np)]
     del x, buf
-    rss = child(["exact_rss", a.store_path, a.table, a.metric, str(len(q))])
+    rss = child(["exact_rss", a.store_path, a.table, a.metric, a.queries_file])
     emit(out, {"section": "exact", "rows": table.num_rows, "dim": table.dim,
                "queries": len(q), "metric": a.metric, "same_ids": float((got == want).mean()),
                "embstore_qps": median_spread(t_es), "numpy_in_ram_qps": median_spread(t_np),
                "ratio": median_spread(ratio), "table_mb": table.num_rows * table.dim * 4 / 2**20,
                **rss})
-    return float(np.median(t_es))
 
 
-def child_exact_rss(path: str, table: str, metric: str, n: str) -> dict[str, Any]:
+def child_exact_rss(path: str, table: str, metric: str, queries: str) -> dict[str, Any]:
     store = embstore.open(path)
-    q = make_queries(store, table, None, int(n))
+    q = np.load(queries)  # not gathered here: that would map table pages into this process
     before = peak_rss_mb()
     top_k(store[table], q, K, metric)
     return {"exact_peak_rss_mb": peak_rss_mb(), "rss_before_search_mb": before}
@@ -166,8 +166,7 @@ def child_exact_rss(path: str, table: str, metric: str, n: str) -> dict[str, Any
 # --- approximate (embstore's index) ----------------------------------------------------------
 
 
-def section_ann(a: argparse.Namespace, store: Any, q: np.ndarray, exact_qps: float,
-                out: Any) -> None:
+def section_ann(a: argparse.Namespace, store: Any, q: np.ndarray, out: Any) -> None:
     table = store[a.table]
     truth = top_k(table, q, K, a.metric, return_keys=False).ids
     tune = None
@@ -178,19 +177,50 @@ def section_ann(a: argparse.Namespace, store: Any, q: np.ndarray, exact_qps: flo
     index = build_index(table, "bench", metric=a.metric, tune_queries=tune)
     build_s = time.perf_counter() - t0
     info = index.info()
-    rows = []
-    for probe in sorted({max(1, index.nprobe // 2), index.nprobe, index.nprobe * 2}):
-        qps, rec = [], 0.0
-        for _ in range(a.rounds):
+    probes = sorted({max(1, index.nprobe // 2), index.nprobe, index.nprobe * 2})
+    exact_qps: list[float] = []
+    qps: dict[int, list[float]] = {p: [] for p in probes}
+    recall: dict[int, float] = {}
+    for _ in range(a.rounds):  # exact and index interleaved: ratios from one machine state
+        t0 = time.perf_counter()
+        top_k(table, q, K, a.metric, return_keys=False)
+        exact_qps.append(len(q) / (time.perf_counter() - t0))
+        for p in probes:
             t0 = time.perf_counter()
-            got = index.search(q, K, nprobe=probe, return_keys=False).ids
-            qps.append(len(q) / (time.perf_counter() - t0))
-            rec = recall_at(got, truth)
-        rows.append({"nprobe": probe, "recall_at_10": rec, "qps": median_spread(qps),
-                     "x_exact": float(np.median(qps)) / exact_qps})
+            got = index.search(q, K, nprobe=p, return_keys=False).ids
+            qps[p].append(len(q) / (time.perf_counter() - t0))
+            recall[p] = recall_at(got, truth)
+    rows = [{"nprobe": p, "recall_at_10": recall[p], "qps": median_spread(qps[p]),
+             "x_exact": median_spread([i / e for i, e in zip(qps[p], exact_qps)])}
+            for p in probes]
+    cpu = child(["cpu", a.store_path, a.table, a.queries_file, a.metric, "bench"],
+                env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
     emit(out, {"section": "ann", "kind": info["kind"], "metric": a.metric,
                "build_s": build_s, "bytes": info["bytes"], "tuned": info["tuning"],
-               "exact_qps": exact_qps, "sweep": rows})
+               "exact_qps": median_spread(exact_qps), "sweep": rows, "one_thread_cpu": cpu})
+
+
+def child_cpu(path: str, table: str, queries: str, metric: str, name: str) -> dict[str, Any]:
+    """CPU seconds of exact and index search on one thread: the work ratio, which the
+    load other processes put on the machine does not move (wall-clock ratios do)."""
+    import faiss
+    faiss.omp_set_num_threads(1)
+    store = embstore.open(path)
+    t = store[table]
+    q = np.load(queries)
+    index = open_index(t, name)
+    index.search(q[:50], K)
+    c0 = time.process_time()
+    truth = top_k(t, q, K, metric, threads=1, return_keys=False).ids
+    exact_cpu = time.process_time() - c0
+    rows = []
+    for p in sorted({max(1, index.nprobe // 2), index.nprobe, index.nprobe * 2}):
+        c0 = time.process_time()
+        got = index.search(q, K, nprobe=p, return_keys=False).ids
+        cpu = time.process_time() - c0
+        rows.append({"nprobe": p, "recall_at_10": recall_at(got, truth),
+                     "queries_per_cpu_s": len(q) / cpu, "x_exact": exact_cpu / cpu})
+    return {"exact_queries_per_cpu_s": len(q) / exact_cpu, "sweep": rows}
 
 
 # --- library comparison (children) ------------------------------------------------------------
@@ -205,11 +235,14 @@ LIB_SETTINGS: dict[str, list[Any]] = {
 }
 
 
-def child_lib(lib: str, path: str, table: str, metric: str, n: str) -> dict[str, Any]:
+def child_lib(lib: str, path: str, table: str, metric: str, queries: str,
+              truth_file: str = "") -> dict[str, Any]:
     store = embstore.open(path)
     t = store[table]
-    q = make_queries(store, table, None, int(n))
-    truth = top_k(t, q, K, metric, return_keys=False).ids
+    q = np.load(queries)
+    # the exact answers come from the parent: computing them here would put the exact
+    # search's buffers into this process's peak RSS, which measures the build
+    truth = np.load(truth_file) if truth_file else top_k(t, q, K, metric).ids
     base_rss = peak_rss_mb()
     t0 = time.perf_counter()
     search, size = _build_lib(lib, t, metric, Path(path) / "bench-libs")
@@ -394,7 +427,8 @@ def main() -> int:
         if name == "serve":
             child_serve(*rest)
             return 0
-        fn = {"exact_rss": child_exact_rss, "lib": child_lib, "build_rss": child_build_rss}[name]
+        fn = {"exact_rss": child_exact_rss, "lib": child_lib, "build_rss": child_build_rss,
+              "cpu": child_cpu}[name]
         print(json.dumps(fn(*rest), default=float), flush=True)
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -425,13 +459,19 @@ def main() -> int:
                "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     store = embstore.open(a.store_path)
     q = make_queries(store, a.table, a.query_table, a.queries)
-    exact_qps = section_exact(a, store, q, out) if "exact" in sections else 0.0
+    a.queries_file = str(Path(a.work) / "queries.npy")
+    np.save(a.queries_file, q)
+    if "exact" in sections:
+        section_exact(a, store, q, out)
     if "ann" in sections:
-        section_ann(a, store, q, exact_qps or 1.0, out)
+        section_ann(a, store, q, out)
     if "libs" in sections:
+        truth_file = str(Path(a.work) / "truth.npy")
+        np.save(truth_file, top_k(store[a.table], q, K, a.metric, return_keys=False).ids)
         for lib in a.libs.split(","):
             emit(out, {"section": "libs", "load": os.getloadavg(),
-                       **child(["lib", lib, a.store_path, a.table, a.metric, str(a.queries)])})
+                       **child(["lib", lib, a.store_path, a.table, a.metric,
+                                a.queries_file, truth_file])})
     if "pss" in sections:
         section_pss(a, out)
     if "build_rss" in sections:

@@ -11,7 +11,6 @@ serves, and :meth:`AnnIndex.staleness` says by how much.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ class AnnIndex:
         self._body = body
         self._shards = shards
         self._transform = Transform.from_json(body["metric"], body["dim"], body["transform"])
-        self._lock = threading.Lock()
 
     # --- what it is --------------------------------------------------------------------
 
