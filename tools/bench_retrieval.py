@@ -13,9 +13,9 @@ Sections (each result is a JSON line on stdout and in --out):
   recall@10 against exact, queries/s, and the ratio to the exact search's queries/s
   measured in the same rounds.
 * ``libs``: the comparison that chose the library: faiss (embstore's index, plain IVF
-  over inner products, PQ fast-scan), usearch HNSW and annoy, each built and searched in
-  a child process (build time, peak RSS, index bytes, recall@10 and queries/s per
-  setting).
+  over inner products, PQ fast-scan), usearch HNSW, annoy and ScaNN (its pybind core:
+  its TensorFlow ops do not load beside TF 2.21), each built and searched in a child
+  process (build time, peak RSS, index bytes, recall@10 and queries/s per setting).
 * ``build_rss``: a table 4x the memory budget (default 300 MB budget, 1.2 GB table)
   indexed in a child process; its peak RSS against the budget.
 * ``pss``: N serving processes open one index memory-mapped and search; the
@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import embstore  # noqa: E402
 from embstore.retrieval import build_index, open_index, top_k  # noqa: E402
+from embstore.retrieval.build import sample_rows  # noqa: E402
 from embstore.retrieval.tune import recall_at  # noqa: E402
 
 K = 10
@@ -232,6 +233,7 @@ LIB_SETTINGS: dict[str, list[Any]] = {
     "embstore-faiss-pq-fastscan": [None],
     "usearch-hnsw": [32, 64, 128, 256],
     "annoy": [5000, 20000, 50000],
+    "scann": [10, 20, 40, 80],
 }
 
 
@@ -247,21 +249,21 @@ def child_lib(lib: str, path: str, table: str, metric: str, queries: str,
     t0 = time.perf_counter()
     search, size = _build_lib(lib, t, metric, Path(path) / "bench-libs")
     build_s = time.perf_counter() - t0
+    build_rss = peak_rss_mb()  # before searching maps the table's and index's pages
     sweep = []
     for setting in LIB_SETTINGS[lib]:
         t0 = time.perf_counter()
         got, label = search(q, setting)
         qps = len(q) / (time.perf_counter() - t0)
         sweep.append({"setting": label, "recall_at_10": recall_at(got, truth), "qps": qps})
-    return {"lib": lib, "build_s": build_s, "build_peak_rss_mb": peak_rss_mb(),
-            "rss_before_build_mb": base_rss, "bytes": size, "sweep": sweep}
+    return {"lib": lib, "build_s": build_s, "build_peak_rss_mb": build_rss,
+            "peak_rss_after_search_mb": peak_rss_mb(), "rss_before_build_mb": base_rss,
+            "bytes": size, "sweep": sweep}
 
 
 def _chunks(t: Any) -> Iterator[tuple[int, np.ndarray]]:
-    first = 0
-    for x in t.iter_rows(1 << 16):
-        yield first, x
-        first += len(x)
+    rows = 1 << 16
+    return ((i * rows, x) for i, x in enumerate(t.iter_rows(rows)))
 
 
 def _build_lib(lib: str, t: Any, metric: str, work: Path) -> tuple[Callable, int]:
@@ -274,8 +276,7 @@ def _build_lib(lib: str, t: Any, metric: str, work: Path) -> tuple[Callable, int
     if lib == "faiss-ivf-ip-flat":
         import faiss
         index = faiss.index_factory(t.dim, "IVF1024,Flat", faiss.METRIC_INNER_PRODUCT)
-        sample = t.gather(np.sort(np.random.default_rng(0).choice(t.num_rows, 65536, False)))
-        index.train(sample)
+        index.train(sample_rows(t, 65536, 0))  # pread: no table pages in this RSS
         for first, x in _chunks(t):
             index.add(x)
         faiss.write_index(index, str(work / "ivf.faiss"))
@@ -310,6 +311,23 @@ def _build_lib(lib: str, t: Any, metric: str, work: Path) -> tuple[Callable, int
             return np.array([index.get_nns_by_vector(v, K, search_k=s) for v in q]), \
                 f"50 trees, search_k={s}"
         return search_annoy, os.path.getsize(work / "trees.annoy")
+    if lib == "scann":
+        sys.modules["tensorflow"] = None  # its TF ops do not load beside TF 2.21: pybind only
+        import scann
+        x = np.concatenate(list(t.iter_rows()))  # ScaNN builds from the whole table in RAM
+        index = (scann.scann_ops_pybind.builder(x, K, "dot_product" if metric == "dot"
+                                                else "squared_l2")
+                 .tree(num_leaves=1000, num_leaves_to_search=30, training_sample_size=250000)
+                 .score_ah(2, anisotropic_quantization_threshold=0.2).reorder(100).build())
+        del x
+        (work / "scann").mkdir(exist_ok=True)
+        index.serialize(str(work / "scann"))
+        size = sum(f.stat().st_size for f in (work / "scann").iterdir())
+
+        def search_scann(q: np.ndarray, s: int) -> tuple[np.ndarray, str]:
+            ids, _ = index.search_batched_parallel(q, leaves_to_search=s)
+            return ids.astype(np.int64), f"1000 leaves, search {s}, AH 2, reorder 100"
+        return search_scann, size
     raise ValueError(lib)
 
 
@@ -393,7 +411,7 @@ def section_pss(a: argparse.Namespace, out: Any) -> None:
 def _pss_of(pid: int, files: list[str]) -> dict[str, float]:
     """PSS and RSS of the mappings of ``files`` in a process, its total PSS, anon RSS."""
     pss = rss = 0
-    current = None
+    current: str | None = None
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             head = line.split()
@@ -444,7 +462,7 @@ def main() -> int:
     p.add_argument("--query-table", help="queries are rows of this table")
     p.add_argument("--sections", default="exact,ann,build_rss,pss")
     p.add_argument("--libs", default="embstore-faiss,faiss-ivf-ip-flat,"
-                   "embstore-faiss-pq-fastscan,usearch-hnsw,annoy")
+                   "embstore-faiss-pq-fastscan,usearch-hnsw,annoy,scann")
     p.add_argument("--budget-mb", type=int, default=300)
     p.add_argument("--processes", type=int, default=8)
     p.add_argument("--out", help="append the JSON lines to this file")

@@ -19,6 +19,7 @@ mapped into the builder and its RSS stays within the budget (docs/RETRIEVAL.md).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +46,6 @@ CHUNK_BYTES = 16 << 20       # rows read per step of a streaming pass
 # default_rng([seed, first]) was sampled by exactly the draws that generated its first
 # chunk (measured: a sample all from one cluster, recall 0.35 on queries drawn from it).
 SAMPLE_SALT = 0x3E1EC7
-Progressish = "bool | Callable[[int, int], None]"
 
 
 def now() -> str:
@@ -172,21 +172,27 @@ def build_index(table: Any, name: str = "default", *, metric: str = "dot",
     params = {"memory_budget": int(memory_budget), "seed": int(seed),
               "train_rows": int(train_rows or _faiss.train_rows_for(nlist, table.num_rows)),
               "target_recall": float(target_recall), "fixed_nprobe": nprobe is not None}
+    t0 = time.perf_counter()
     with _layout.builder_lock(directory):
         build = _layout.new_build_dir(directory)
-        body, kept = _build_files(table, store, build, kind, metric, rerank, params,
-                                  progress)
-        if nprobe is None:
-            queries = (np.asarray(tune_queries, np.float32) if tune_queries is not None
-                       else tuning_queries(kept, TUNE_QUERIES, seed))
-            template = _faiss.load(build / body["template"], mmap=False)
-            shards = _faiss.StreamedShards([build / n for n in body["shards"]], template)
-            transform = Transform.from_json(metric, table.dim, body["transform"])
-            nprobe, body["tuning"] = tune_nprobe(table, shards, transform, queries,
-                                                 target_recall, rerank)
-        body["search"]["nprobe"] = int(nprobe)
-        write_manifest(build, body)
-        _layout.publish(directory, build)
+        try:
+            body, kept = _build_files(table, store, build, kind, metric, rerank, params,
+                                      progress)
+            if nprobe is None:
+                queries = (np.asarray(tune_queries, np.float32) if tune_queries is not None
+                           else tuning_queries(kept, TUNE_QUERIES, seed))
+                template = _faiss.load(build / body["template"], mmap=False)
+                shards = _faiss.StreamedShards([build / n for n in body["shards"]], template)
+                transform = Transform.from_json(metric, table.dim, body["transform"])
+                nprobe, body["tuning"] = tune_nprobe(table, shards, transform, queries,
+                                                     target_recall, rerank)
+            body["search"]["nprobe"] = int(nprobe)
+            body["build_seconds"] = round(time.perf_counter() - t0, 3)
+            write_manifest(build, body)
+            _layout.publish(directory, build)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
     return open_index(table, name, path=directory, store=store, verify=False)
 
 
@@ -194,11 +200,12 @@ def _build_files(table: Any, store: Any, build: Path, kind: str, metric: str, re
                  params: dict[str, Any], progress: Any) -> tuple[dict[str, Any], np.ndarray]:
     """Sample, train, encode: the manifest body without files, tuning or nprobe, and a
     few thousand sampled rows to draw tuning queries from."""
-    t0 = time.perf_counter()
     step, lsn, gen = int(table.step), _seams.log_position(store), int(store.generation)
     stats = RowStats(table.dim)
     sample = sample_rows(table, params["train_rows"], params["seed"], progress, stats, metric)
-    kept = sample[:4096].copy()
+    # rows spread over the whole table (the sample is in row order) to draw queries from
+    pick = np.random.default_rng([SAMPLE_SALT, params["seed"], 2]).permutation(len(sample))
+    kept = sample[np.sort(pick[:4096])]
     transform = Transform.for_table(metric, table.dim, stats)
     template = _faiss.trained(kind, transform.rows(sample), transform.ranges(stats))
     del sample
@@ -206,7 +213,8 @@ def _build_files(table: Any, store: Any, build: Path, kind: str, metric: str, re
     sample_bytes = params["train_rows"] * table.dim * 4
     # half the working memory for one shard's codes: the other half holds the row
     # chunks, what the allocator keeps after a shard is freed, and, while tuning, one
-    # memory-mapped shard (measured: docs/RETRIEVAL.md "Build memory")
+    # memory-mapped shard (measured: docs/RETRIEVAL.md "Building a table 4x the memory
+    # budget")
     work = params["memory_budget"] - sample_bytes // 2 - 4 * CHUNK_BYTES
     budget_rows = max(chunk_rows_for(table.dim), work // 2 // _faiss.bytes_per_row(template))
     shards, rows = encode_shards(table, template, build, transform, budget_rows, progress)
@@ -222,6 +230,5 @@ def _build_files(table: Any, store: Any, build: Path, kind: str, metric: str, re
         "params": params, "shards": shards, "template": "template.faiss",
         "delta": None, "delta_ids": None, "delta_rows": 0,
         "fingerprints": fingerprint.FILE_NAME, "files": {}, "created": now(),
-        "updated": now(), "refreshes": 0,
-        "build_seconds": round(time.perf_counter() - t0, 3)}
+        "updated": now(), "refreshes": 0, "build_seconds": 0.0}
     return body, kept
