@@ -86,6 +86,10 @@ class TableNotFoundError(EmbstoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class IndexNotFoundError(EmbstoreError, FileNotFoundError):
+    """No approximate index of that name over the table (embstore.retrieval)."""
+
+
 # --- access mode and locking ---------------------------------------------------------
 
 
