@@ -47,7 +47,8 @@ def check_index_of(directory: Path, meta: TableMeta) -> list[Fault]:
     """The key index of a keyed table, and its key count against the table's rows."""
     faults: list[Fault] = []
     try:
-        with KeyIndex.open(directory / INDEX_DIR, readonly=True) as index:
+        with KeyIndex.open(directory / INDEX_DIR, readonly=True,
+                           known_rows=meta.num_rows) as index:
             faults.extend(check_key_index(index))
             count = index.count
             # Read after the count: a live writer publishes rows before their keys, so

@@ -64,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no embstore store at {root} (no MANIFEST file): check the path")
     findings = check_store(root)
     fixed: list[str] = []
+    failed: list[str] = []
     unfixable: list[str] = []
     if args.fix and findings:
-        fixed, unfixable = repair(root, findings)
+        fixed, failed, unfixable = repair(root, findings)
         findings = check_store(root)
     faults = [f for f in findings if f.fatal]
     warnings = [f for f in findings if not f.fatal]
@@ -74,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         print_json({"path": str(root), "clean": not faults,
                     "faults": [_public(f) for f in faults],
                     "warnings": [_public(f) for f in warnings],
-                    "fixed": fixed, "not_fixed": unfixable})
+                    "fixed": fixed, "failed": failed, "not_fixed": failed + unfixable})
     else:
-        for line in fixed:
+        for line in fixed + failed:
             print(line)
         for f in faults:
             print(str(f))
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             note = f" ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})" \
                 if warnings else ""
-            print(("clean after fixing" if args.fix and fixed else "clean") + note)
+            print(("clean after fixing" if args.fix and fixed and not failed else "clean")
+                  + note)
     return EXIT_DAMAGED if faults else 0
 
 

@@ -29,6 +29,7 @@ from embstore.catalog import Catalog
 from embstore.errors import DurabilityError
 from embstore.fs import FileSystem
 from embstore.log import WriteAheadLog
+from embstore.log.lost_keys import logged_keys
 from embstore.log.payload import Entry, decode_record, encode_record
 from embstore.manifest import Manifest
 from embstore.table import Table
@@ -63,7 +64,13 @@ class Writer:
             interval_ms=float(settings["sync_interval_ms"]),
             segment_bytes=int(settings["wal_segment_bytes"]), fs=fs)
         self.last_checkpoint = time.monotonic()
+        catalog.lost_keys = self.logged_keys
         GATE.open_writer()
+
+    def logged_keys(self, table: str, first: int, stop: int) -> dict[int, int | bytes]:
+        """The keys log records still on disk give rows [first, stop) of ``table``: what a
+        key index whose LMDB rolled back is restored from (``embstore.keys.restore``)."""
+        return logged_keys(self.root / WAL_DIR, table, self.manifest.strides(), first, stop)
 
     # --- commit -------------------------------------------------------------------------
 
