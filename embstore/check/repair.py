@@ -3,7 +3,8 @@
 - rebuild a key index's derived keys file (``keys.bin``) from its LMDB record of truth;
 - put back keys a rolled-back LMDB lost, from the write-ahead log and keys.bin (only keys
   that other files acknowledged are written; ``embstore.keys.restore``);
-- cut a torn log tail (only a group that was never acknowledged lies there).
+- cut a torn log tail (only a group that was never acknowledged lies there);
+- write a new live file (``live.emb``, volatile) from the manifest where it is damaged.
 
 Anything else is left as found and reported as not fixed, and so is a repair that
 failed: it is never counted as fixed. The lock is taken directly
@@ -23,7 +24,8 @@ from embstore.keys import KeyIndex
 from embstore.log import WriteAheadLog
 from embstore.log.lost_keys import logged_keys
 from embstore.manifest import acquire_writer_lock, read_manifest
-from embstore.storage import TableMeta
+from embstore.format import pack_live
+from embstore.storage import LIVE_NAME, TableMeta
 
 WAL_DIR = "wal"
 
@@ -60,6 +62,8 @@ def repair(root: Path, faults: list[Fault], fs: FileSystem = REAL) -> Repairs:
         torn = [f for f in faults if f.kind == "torn-tail"]
         if torn:
             attempt(torn, functools.partial(cut_torn_tail, root, torn[0], fs))
+        for live in (f for f in faults if Path(f.path).name == LIVE_NAME):
+            attempt([live], functools.partial(rewrite_live_file, root, Path(live.path), fs))
     finally:
         fs.close(fd)  # closing the descriptor releases the flock
     return Repairs(fixed, failed, [str(f) for f in faults if f not in handled and f.fatal])
@@ -118,3 +122,18 @@ def cut_torn_tail(root: Path, torn: Fault, fs: FileSystem = REAL) -> str:
                              readonly=False, create=False, preallocate=False, fs=fs)
     log.close()
     return f"cut the torn log tail of {torn.path} at byte {torn.offset}"
+
+
+def rewrite_live_file(root: Path, path: Path, fs: FileSystem = REAL) -> str:
+    """A new live file publishing what the manifest names (no writer runs: we hold the
+    lock). Atomic: a planted link is replaced, never written through."""
+    body = read_manifest(root)
+    name = path.parent.name
+    renamed = {old: new for new, old in body.get("renames", {}).items()}
+    entry = body["tables"].get(renamed.get(name, name))
+    if entry is None:
+        raise TableNotFoundError(f"the manifest names no table for {path.parent}")
+    meta = TableMeta.from_json(entry)
+    fs.atomic_write(path, pack_live(meta.num_rows, int(body["checkpoint_lsn"]),
+                                    meta.num_shards))
+    return f"wrote a new live file {path} ({meta.num_rows:,} rows, from the manifest)"

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from embstore.check.keys import check_key_index
-from embstore.errors import EmbstoreError, Fault
+from embstore.errors import ChecksumError, EmbstoreError, Fault
 from embstore.format import HEADER_BYTES, check_shard_matches, unpack_live, unpack_shard_header
 from embstore.keys import KeyIndex
-from embstore.storage import LIVE_NAME, SHARD_NAME, TableMeta
+from embstore.storage import LIVE_NAME, SHARD_NAME, TableMeta, read_live
 
 INDEX_DIR = "index"
 
@@ -20,10 +20,30 @@ def published_rows(directory: Path, meta: TableMeta) -> int:
     here; opening the table reports it."""
     path = directory / LIVE_NAME
     try:
-        rows, _lsn, _shards = unpack_live(path.read_bytes(), str(path))
+        rows, _lsn, _shards = unpack_live(read_live(path), str(path))
     except (OSError, EmbstoreError):
         return meta.num_rows
     return max(meta.num_rows, rows)
+
+
+def check_live_file(directory: Path) -> list[Fault]:
+    """live.emb is volatile (the next writable open, or --fix, writes a new one), but a
+    reader cannot open a table whose live file is damaged: that is a fault. Fields that
+    fail their CRC are what a writer killed mid-publish leaves, and readers ignore them:
+    a warning."""
+    path = directory / LIVE_NAME
+    volatile = "; it is volatile: --fix or the next writable open writes a new one"
+    try:
+        unpack_live(read_live(path), str(path))
+    except ChecksumError as exc:
+        found = Fault.of(exc, path)
+        return [Fault(found.path, found.offset, found.message, found.kind, False)]
+    except FileNotFoundError:
+        return [Fault(str(path), None, "live file is missing" + volatile, "missing")]
+    except (EmbstoreError, OSError) as exc:
+        found = Fault.of(exc, path)
+        return [Fault(found.path, found.offset, found.message + volatile, found.kind)]
+    return []
 
 
 def check_shards(directory: Path, meta: TableMeta) -> list[Fault]:
@@ -63,7 +83,7 @@ def check_index_of(directory: Path, meta: TableMeta) -> list[Fault]:
 
 
 def check_table(directory: Path, meta: TableMeta) -> list[Fault]:
-    faults = check_shards(directory, meta)
+    faults = check_shards(directory, meta) + check_live_file(directory)
     if meta.key_type is not None:
         faults.extend(check_index_of(directory, meta))
     return faults
