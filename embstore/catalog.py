@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from embstore.errors import TableNotFoundError
-from embstore.fs import FileSystem
+from embstore.fs import FileSystem, refuse_link
 from embstore.keys import KeyIndex
 from embstore.manifest import Manifest
 from embstore.storage import LIVE_NAME, LiveFile, ShardSet
@@ -71,6 +71,10 @@ class Catalog:
         moved_from = self.manifest.renames.get(name)
         if moved_from is not None and not directory.exists():
             directory = self.directory(moved_from)  # a rename not finished yet
+        if self.writable:  # O_NOFOLLOW guards file names only: no linked directory either
+            refuse_link(directory)
+            if meta.key_type is not None:
+                refuse_link(directory / INDEX_DIR)
         index = None
         if meta.key_type is not None:
             restore = None

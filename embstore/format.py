@@ -406,23 +406,32 @@ def pack_manifest(body: dict[str, Any]) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head)) + data
 
 
-def unpack_manifest(buf: bytes, path: str) -> dict[str, Any]:
+def check_manifest_size(head: bytes, file_size: int, path: str) -> int:
+    """Validate a manifest's header (its first 24 bytes) and the file size it requires,
+    before the body is read; returns the body length."""
     size = MANIFEST_HEADER.size
-    if len(buf) < size:
-        raise TruncatedFileError(f"manifest is {len(buf)} bytes: header needs {size}", path, 0)
-    magic, major, minor, length, body_crc, head_crc = MANIFEST_HEADER.unpack_from(buf, 0)
+    if len(head) < size:
+        raise TruncatedFileError(f"manifest is {len(head)} bytes: header needs {size}", path, 0)
+    magic, major, minor, length, _body_crc, head_crc = MANIFEST_HEADER.unpack_from(head, 0)
     if magic != MANIFEST_MAGIC:
         raise BadMagicError(f"bad magic {magic!r}: expected {MANIFEST_MAGIC!r}", path, 0)
     _check_version(major, minor, path, 8)
-    if head_crc != zlib.crc32(buf[:20]):
+    if head_crc != zlib.crc32(head[:20]):
         raise ChecksumError("manifest header CRC mismatch", path, 20)
     _require(length <= MANIFEST_MAX_BODY,
              f"body length {length}: limit is {MANIFEST_MAX_BODY}", path, 12)
-    if len(buf) != size + length:
+    if file_size != size + length:
         raise TruncatedFileError(
-            f"manifest is {len(buf)} bytes: header requires exactly {size + length}",
-            path, min(len(buf), size + length),
+            f"manifest is {file_size} bytes: header requires exactly {size + length}",
+            path, min(file_size, size + length),
         )
+    return length
+
+
+def unpack_manifest(buf: bytes, path: str) -> dict[str, Any]:
+    size = MANIFEST_HEADER.size
+    check_manifest_size(buf[:size], len(buf), path)
+    body_crc = MANIFEST_HEADER.unpack_from(buf, 0)[4]
     body_bytes = bytes(buf[size:])
     if zlib.crc32(body_bytes) != body_crc:
         raise ChecksumError("manifest body CRC mismatch", path, 16)

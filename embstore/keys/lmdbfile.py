@@ -54,6 +54,7 @@ from embstore.errors import (
     TruncatedFileError,
     UnsafePathError,
 )
+from embstore.fs import refuse_link
 
 DATA_FILE = "data.mdb"
 LOCK_FILE = "lock.mdb"
@@ -142,12 +143,9 @@ def check_data_file(directory: str) -> MetaPage:
 
 def refuse_links(directory: str) -> None:
     """A writer's LMDB opens its files by name, following links: refuse any link there."""
-    for name in ("", DATA_FILE, LOCK_FILE):
-        path = os.path.join(directory, name) if name else directory
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISLNK(os.lstat(path).st_mode):
-                raise UnsafePathError("is a symbolic link: embstore writes no file of a store "
-                                      "through a link; replace it with the real file", path)
+    for path in (directory, os.path.join(directory, DATA_FILE),
+                 os.path.join(directory, LOCK_FILE)):
+        refuse_link(path)
 
 
 # --- LMDB's exceptions -> embstore's ----------------------------------------------------

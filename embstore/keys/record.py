@@ -70,7 +70,6 @@ class _SharedEnv:
         self.locked = writable  # readers open unlocked: see the module docstring
         check_data_file(path)  # before LMDB maps it: no SIGBUS, no SIGFPE
         if writable:
-            refuse_links(path)
             if not os.access(os.path.join(path, DATA_FILE), os.W_OK):
                 raise ReadOnlyError(f"{path}: LMDB files are not writable; open the store "
                                     "read-only (mode='r')")
@@ -100,6 +99,7 @@ def _path_lock(real: str) -> threading.RLock:
 
 def _acquire(path: str, map_size: int) -> _SharedEnv:
     """A writer's environment: the one this process shares for ``path``, made if needed."""
+    refuse_links(path)  # before the link is resolved: LMDB writes by name, following links
     real = os.path.realpath(path)
     with _path_lock(real), _ENVS_LOCK:
         env = _ENVS.get(real)
