@@ -29,7 +29,6 @@ from embstore.errors import (
     DurabilityError,
     EmbstoreError,
     IndexRollbackError,
-    TruncatedFileError,
 )
 from embstore.faultyfs import FaultyFileSystem
 from embstore.keys.keyfile import HEADER_SIZE

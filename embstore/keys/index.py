@@ -37,11 +37,11 @@ from embstore.errors import (
 )
 from embstore.fs import REAL, FileSystem
 from embstore.keys.convert import (
-    keys_to_int64,
     MAX_BYTES_KEY,
     as_bytes_list,
     as_int_keys,
     hash_bytes_keys,
+    keys_to_int64,
 )
 from embstore.keys.keyfile import (
     HEADER_SIZE,

@@ -196,7 +196,7 @@ class KeyRecord:
                         got = body(txn, e)
                     if e.locked or e.env.info()["last_txnid"] <= snapshot + 1:
                         return got
-                except (lmdb.Error, FormatError):
+                except lmdb.Error:
                     if e.locked or e.env.info()["last_txnid"] <= snapshot + 1:
                         raise
             time.sleep(0.0005 * attempt)
