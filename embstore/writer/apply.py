@@ -8,6 +8,7 @@ every record since the last checkpoint: applying an entry twice gives the same t
 
 from __future__ import annotations
 
+import numpy as np
 
 from embstore.errors import CorruptLogError
 from embstore.log.payload import Entry
@@ -61,9 +62,11 @@ def row_limit(table: Table, entry: Entry, parent: Table | None) -> int:
 
 
 def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyShards,
-                limit: int | None = None) -> None:
+                limit: int | None = None, keep: np.ndarray | None = None) -> None:
     """Copy logged rows into the table (and its key index), growing it if needed, never
-    beyond ``limit`` rows (``row_limit``; CorruptLogError, nothing written)."""
+    beyond ``limit`` rows (``row_limit``; CorruptLogError, nothing written). ``keep``
+    (recovery, ``replay.rows_to_write``) masks the rows whose values are written; the
+    table grows, the step moves and the keys are recorded as for the whole entry."""
     meta, shards, rows = table._meta, table._shards, entry.rows
     top = int(rows.max()) + 1 if len(rows) else 0
     if len(rows) and int(rows.min()) < 0:
@@ -76,11 +79,12 @@ def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyShards,
             "keys it carries): damaged or forged record, nothing was applied")
     if top > meta.capacity:
         shards.ensure_capacity(top)
+    write, encoded = (rows, entry.encoded) if keep is None else (rows[keep], entry.encoded[keep])
     # marked before the write: a failed scatter may have written some rows
-    dirty.add(table.name, shards.shards_of(rows))
-    rc = shards.source.scatter(rows, entry.encoded)
+    dirty.add(table.name, shards.shards_of(write))
+    rc = shards.source.scatter(write, encoded) if len(write) else -1
     if rc != -1:
-        raise CorruptLogError(f"row id {int(rows[rc])} out of range for table {table.name!r}")
+        raise CorruptLogError(f"row id {int(write[rc])} out of range for table {table.name!r}")
     if entry.step:
         meta.step = max(meta.step, entry.step)
     if top > meta.num_rows:

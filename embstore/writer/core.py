@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from embstore.catalog import TABLES_DIR, Catalog
-from embstore.errors import DurabilityError, EmbstoreError
+from embstore.errors import DurabilityError, as_durability_error
 from embstore.fs import FileSystem, refuse_link
 from embstore.log import WriteAheadLog
 from embstore.log.lost_keys import logged_keys
@@ -36,6 +36,7 @@ from embstore.manifest import Manifest
 from embstore.table import Table
 from embstore.writer.apply import DirtyShards, apply_entry, reconcile_rows, row_limit
 from embstore.writer.interrupts import GATE
+from embstore.writer.replay import ReplayPlan, rows_to_write
 
 WAL_DIR = "wal"
 SCRATCH_BYTES = 1 << 20
@@ -68,6 +69,7 @@ class Writer:
             segment_bytes=int(settings["wal_segment_bytes"]), fs=fs)
         self.last_checkpoint = time.monotonic()
         catalog.lost_keys = self.logged_keys
+        catalog.write_failed = self.write_failed
         GATE.open_writer()
 
     def logged_keys(self, table: str, first: int, stop: int) -> dict[int, int | bytes]:
@@ -94,10 +96,15 @@ class Writer:
             yield
         except OSError as exc:
             self.failed = exc
-            if isinstance(exc, EmbstoreError):  # DurabilityError, UnsafePathError: as they are
+            typed = as_durability_error(exc, f"{what} in store {self.root}")
+            if typed is exc:  # DurabilityError, UnsafePathError: as they are
                 raise
-            raise DurabilityError(exc.errno, f"{what} failed ({exc.strerror or exc}); store "
-                                  f"{self.root} refuses commits: reopen it to recover") from exc
+            raise typed from exc
+
+    def write_failed(self, exc: OSError) -> None:
+        """A write outside a commit failed (opening a table for writing): refuse commits
+        from now on, as ``durable`` does."""
+        self.failed = exc
 
     def _pack(self, parts: list[bytes | memoryview]) -> memoryview:
         """Concatenate into a reused buffer: a fresh 1 MiB allocation per step costs more
@@ -219,16 +226,24 @@ class Writer:
 
     # --- recovery -----------------------------------------------------------------------
 
+    def _records(self) -> Iterator[tuple[int, list[Entry]]]:
+        strides = self.manifest.strides()
+        for lsn, payload in self.log.replay(self.manifest.checkpoint_lsn):
+            yield lsn, decode_record(payload, strides, f"{self.root / WAL_DIR} lsn {lsn}")
+
     def recover(self) -> int:
         """Replay every record since the last checkpoint, then checkpoint. Returns the
-        number of records replayed."""
-        strides = self.manifest.strides()
+        number of records replayed. Each row is written once, from the newest record that
+        holds it (``replay``): readers with the store open never see a row go back."""
+        plan = ReplayPlan(entries for _, entries in self._records())
         count = 0
-        for lsn, payload in self.log.replay(self.manifest.checkpoint_lsn):
-            for entry in decode_record(payload, strides, f"{self.root / WAL_DIR} lsn {lsn}"):
+        for count, (lsn, entries) in enumerate(self._records(), 1):
+            for entry in entries:
                 table = self.catalog.get(entry.table)
-                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
-            count += 1
+                index = table._index
+                keep = rows_to_write(plan, entry, count - 1,
+                                     index.count if index is not None else None)
+                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), keep)
         for name in self.manifest.table_names:
             table = self.catalog.get(name)
             if table._shards.source.repair_seq():
