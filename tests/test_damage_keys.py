@@ -307,3 +307,30 @@ def test_flipped_key_in_keys_bin_never_reaches_head_get_or_export(tmp_path, mode
         with embstore.open(path) as store:  # export ids come from keys_of too
             ids = np.concatenate([i for i, _ in store["k"].iter_ids_and_rows()])
         np.testing.assert_array_equal(ids, np.arange(10))
+
+
+def test_lmdb_giving_one_key_two_rows_is_reported_and_never_copied_into_keys_bin(tmp_path):
+    """Found by the torture suite (T4, data.mdb flips): a bit flip turned a key of LMDB's
+    B-tree into another key it holds. check blamed keys.bin ("key mismatch"), check --fix
+    rebuilt the good keys.bin from the damaged LMDB and called the store clean, and the
+    next open failed. Emulated exactly: key 31's bytes in data.mdb become key 25's."""
+    from embstore.check import check_store, repair
+    from embstore.keys.convert import encode_int_key
+
+    base = 7 << 40  # keys whose 8 bytes occur nowhere else in data.mdb
+    with create_store(tmp_path) as store:
+        store.create_table("k", 4, key_type="int64", missing="raise").insert(
+            np.arange(base, base + 80), np.ones((80, 4), np.float32))
+    mdb = data_mdb(tmp_path)
+    data = mdb.read_bytes()
+    assert data.count(encode_int_key(base + 31)) == 1
+    mdb.write_bytes(data.replace(encode_int_key(base + 31), encode_int_key(base + 25)))
+    keys_bin = (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes()
+    faults = check_store(tmp_path)
+    assert any(f.fatal and "keys.lmdb" in f.path and f"key {base + 25}" in f.message
+               for f in faults), \
+        [str(f) for f in faults]
+    done = repair(tmp_path, faults)
+    assert not any("rebuilt" in line for line in done.fixed), done
+    assert (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes() == keys_bin
+    assert any(f.fatal for f in check_store(tmp_path))

@@ -66,10 +66,15 @@ def check_key_index(ix: KeyIndex) -> list[Fault]:
         differ = ok[view[rows[ok]] != keys[ok]]
         out.add(kpath, "key mismatch", (f"row {rows[i]} holds key {view[rows[i]]}, LMDB maps "
                                         f"key {_key(keys, raw, i)} to it" for i in differ))
+        hk, hn = np.unique(keys, return_counts=True)
         if raw is not None:
-            hk, hn = np.unique(keys, return_counts=True)
             out.add(lpath, "collision", (f"{c} bytes keys share the 64-bit hash {h}"
                                          for h, c in zip(hk[hn > 1], hn[hn > 1])))
+        else:  # LMDB holds a key once: twice is a damaged B-tree (a flipped key), and
+            # keys.bin must not be rebuilt from it
+            out.add(lpath, "not one-to-one", (
+                f"key {h} is held by {c} entries (rows "
+                f"{sorted(rows[keys == h].tolist())[:4]})" for h, c in zip(hk[hn > 1], hn[hn > 1])))
         hashed = ix.hashed_rows()
         if hashed is not None:
             wrong = np.flatnonzero(hashed != np.arange(len(hashed)))

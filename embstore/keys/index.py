@@ -272,7 +272,8 @@ class KeyIndex(IndexInspection):
     def _keys_from_lmdb(self) -> np.ndarray:
         keys, rows, _, bad = self._record.scan()
         n = len(rows)
-        ok = not bad and (n == 0 or (rows.min() == 0 and rows.max() == n - 1 and len(np.unique(rows)) == n))
+        ok = not bad and (n == 0 or (rows.min() == 0 and rows.max() == n - 1
+                                     and len(np.unique(rows)) == n and len(np.unique(keys)) == n))
         if not ok:
             raise FormatError("key2row is not one-to-one onto rows 0..n-1; cannot rebuild "
                               "the keys file (run check() for details)", self._lmdb_path)
