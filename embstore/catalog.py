@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from embstore.errors import TableNotFoundError
+from embstore.errors import DurabilityError, TableNotFoundError, as_durability_error
 from embstore.fs import FileSystem, refuse_link
 from embstore.keys import KeyIndex
 from embstore.manifest import Manifest
@@ -43,6 +43,9 @@ class Catalog:
         # (table, first row, stop row) -> {row: key} the write-ahead log still holds: where
         # a writer restores keys a rolled-back LMDB lost (set by the writer)
         self.lost_keys: Callable[[str, int, int], dict[int, int | bytes]] | None = None
+        # told of a failed write while a table opens for writing (set by the writer, which
+        # then refuses commits, as after any failed write)
+        self.write_failed: Callable[[OSError], None] | None = None
         self._tables: dict[str, Table] = {}
         self._lock = threading.RLock()
 
@@ -63,6 +66,21 @@ class Catalog:
             return table
 
     def _open(self, name: str, cache_bytes: int | None) -> Table:
+        if not self.writable:
+            return self._open_table(name, cache_bytes)
+        try:  # opening for writing writes (live.emb, the key index's lock): it can fail
+            return self._open_table(name, cache_bytes)
+        except OSError as exc:
+            typed = as_durability_error(exc, f"opening table {name!r} for writing")
+            if typed is exc and not isinstance(exc, DurabilityError):
+                raise  # damage or a hostile file, typed already: not a failed write
+            if self.write_failed is not None:
+                self.write_failed(typed)
+            if typed is exc:
+                raise
+            raise typed from exc
+
+    def _open_table(self, name: str, cache_bytes: int | None) -> Table:
         if name not in self.manifest:
             names = ", ".join(self.user_tables()) or "none"
             raise TableNotFoundError(f"no table {name!r} in store {self.root} (tables: {names})")

@@ -172,6 +172,15 @@ class DurabilityError(EmbstoreError, OSError):
     """
 
 
+def as_durability_error(exc: OSError, what: str) -> OSError:
+    """A failed write as a typed error: ``exc`` itself if it is embstore's, else a
+    DurabilityError naming ``what`` failed (the caller chains ``exc``)."""
+    if isinstance(exc, EmbstoreError):
+        return exc
+    return DurabilityError(exc.errno, f"{what} failed ({exc.strerror or exc}); the store "
+                           "refuses commits: reopen it to recover", exc.filename)
+
+
 class MissingExtraError(EmbstoreError, ImportError):
     """An optional dependency (an extra, e.g. ``embstore[parquet]``) is not installed."""
 

@@ -22,6 +22,7 @@ from embstore.check import check_store
 from embstore.codecs import check_dtype
 from embstore.errors import (
     Fault,
+    as_durability_error,
     InvalidArgumentError,
     ReadOnlyError,
     ShapeError,
@@ -155,8 +156,9 @@ class Store:
         self._writer: Writer | None = None
         # The writer lock comes before the manifest is read: no other writer can replace
         # it between our reading it and our recovery.
-        lock_fd = acquire_writer_lock(path, fs) if self.writable else None
+        lock_fd = None
         try:
+            lock_fd = acquire_writer_lock(path, fs) if self.writable else None
             self._manifest = Manifest(path, fs)
             self.settings = {**DEFAULT_SETTINGS, **self._manifest.settings, **settings}
             self._catalog = Catalog(path, self._manifest, self.settings, fs, self.writable)
@@ -167,9 +169,16 @@ class Store:
                 self._catalog.writer = TableWrites(writer)
                 ddl.finish_renames(writer)
                 writer.recover()
-        except BaseException:
+        except BaseException as exc:
             self._abandon(lock_fd)
-            raise
+            if not (self.writable and isinstance(exc, OSError)):
+                raise
+            # a failed write while opening (the lock, the log, recovery's shard and key
+            # index writes) is a typed error, like one after the open
+            typed = as_durability_error(exc, f"opening store {path} for writing")
+            if typed is exc:
+                raise
+            raise typed from exc
 
     def _abandon(self, lock_fd: int | None) -> None:
         """Undo a failed open: close what was opened, release the lock, write nothing."""

@@ -56,15 +56,19 @@ def _adagrad(store: Any) -> None:
                                "adagrad")
 
 
-def _insert(store: Any) -> None:
+def _keyed(store: Any) -> None:
     store.create_table("x", DIM, key_type="int64", missing="raise", rows_per_shard=16)
+
+
+def _insert(store: Any) -> None:
     store["x"].update(np.arange(20), np.ones((20, DIM), np.float32))
 
 
 TABLE_STEPS: list[tuple[str, Callable[[Any], None]]] = [
     ("create_table", _create),
     ("first adagrad step (slot tables)", _adagrad),
-    ("keyed table and inserts", _insert),
+    ("keyed table", _keyed),  # one call a step: a step is all or nothing
+    ("inserts", _insert),
     ("rename_table", lambda s: s.rename_table("e", "f")),
     ("drop_table", lambda s: s.drop_table("x")),
     ("checkpoint", lambda s: s.checkpoint()),
@@ -110,6 +114,8 @@ def known_of(error: str, opened: bool, step: str) -> str | None:
         return "15.3"
     if not opened:
         return "new.1"  # a failed write while opening escapes as a bare OSError
+    if step == "create_table" and "after reopening" in error:
+        return "new.3"  # create_table(data=...) is not atomic: the table, without its rows
     if step.startswith(("first adagrad", "create_table", "keyed table", "rename_table",
                         "drop_table", "op 1 (")):
         return "15.10"  # table and optimizer set-up: a failure neither typed nor blocking
@@ -261,4 +267,4 @@ def _check_case(report: Report, work: Path, f: Faults, case: str, res: child.Chi
     else:
         report.fail(case, f"a reopened store holding the {v['acked']} acknowledged "
                     "operations, check() clean", check.describe(),
-                    known_of(check.error, True, step) if v["error"] else None)
+                    known_of(check.describe(), True, step) if v["error"] else None)

@@ -1,20 +1,21 @@
 """pytest helpers of the torture suite's short mode (tests/torture).
 
-``known("15.N")`` marks a case that fails today because of finding 15.N of issue 15,
-fixed in another branch: an xfail that only a ``TortureFailure`` (the harness's own
-report) satisfies, not strict, so the case turns XPASS once the fix is merged and the
-mark is then removed.
+``known("15.N")`` marks a case that fails today because of an open finding (15.N of
+issue 15, or new.N found here; not one in ``report.FIXED``): an xfail that only a
+``TortureFailure`` (the harness's own report) satisfies, not strict, so the case turns
+XPASS once the fix is merged and the mark is then removed.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from .report import KNOWN, Report, TortureFailure
+from .report import FIXED, KNOWN, Report, TortureFailure
 
 
 def known(finding: str) -> pytest.MarkDecorator:
     """xfail tied to finding ``finding`` of issue 15 (removed once its fix is merged)."""
+    assert finding not in FIXED, f"finding {finding} is fixed: remove the mark"
     return pytest.mark.xfail(reason=f"known({finding}): {KNOWN[finding]}",
                              raises=TortureFailure, strict=False)
 
