@@ -1,5 +1,5 @@
-"""T5: Hypothesis fuzzing of every decoder (tools/torture/fuzzing.py); the atheris targets
-for long runs are tools/torture/fuzz_*.py."""
+"""T5: Hypothesis fuzzing of every decoder (tools/torture/fuzzing.py); the atheris target
+for long runs is tools/torture/fuzz_target.py DECODER."""
 
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ from .workload import (
 OPS = 30
 SETTINGS = dict(checkpoint_bytes=64 << 20, wal_segment_bytes=64 << 10, checkpoint_seconds=1e9)
 
-# target -> (reference store, the finding its damage hits today, if any)
+# target -> (reference store, the findings its damage hit; a failure that matches a fixed
+# one is reported as a regression of it, report.FIXED)
 TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "manifest": ("closed", ()),
     "shard header": ("closed", ()),
@@ -214,8 +215,8 @@ def _case(say: Callable[[Any], None], path: str, crashed: bool, expect: dict[str
         out["cli"] = cli(["check", str(root)])  # the command users run: same verdict
     out["read"] = _read(root, "r", expect, karr)
     if faults:
-        fixed, left = repair(root, faults)
-        out["fixed"], out["left"] = fixed, left
+        done = repair(root, faults)
+        out["fixed"], out["failed"], out["left"] = done.fixed, done.failed, done.left
         out["recheck"] = [(str(f), f.fatal) for f in _check(root)]
     out["write"] = _read(root, "r+", expect, karr, crashed)
     out["final"] = [(str(f), f.fatal) for f in _check(root)]

@@ -3,7 +3,7 @@
 ``DECODERS`` names each decoder with valid seed inputs, the call, the postconditions a
 successful decode must satisfy, and the bytes a CRC (or a must-be-zero rule) covers.
 The properties (tests/torture/test_t5_fuzz.py drives them with Hypothesis in CI; the
-``fuzz_*.py`` targets with atheris, or with the plain driver below, in long runs):
+``fuzz_target.py`` with atheris, or with the plain driver below, in long runs):
 
 1. any input: the decoder returns or raises a typed embstore error; nothing else, and
    in bounded time (no allocation or loop sized by an unchecked field);

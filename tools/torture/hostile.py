@@ -113,6 +113,8 @@ def _sparse(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+# case -> (set-up, the findings it hit; all fixed now: a failure that matches one is
+# reported as a regression of it, report.FIXED)
 SETUPS: dict[str, tuple[Callable[[Path, Path], None], tuple[str, ...]]] = {
     "LOCK is a symlink": (lambda r, o: _link(r, "LOCK", o), ("15.8",)),
     "MANIFEST.tmp is a symlink": (lambda r, o: _link(r, "MANIFEST.tmp", o), ("15.8",)),

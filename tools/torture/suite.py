@@ -43,7 +43,7 @@ def _t5_atheris(work: Path, seconds: float) -> Report:
     for name in sorted(fuzzing.DECODERS):
         out = work / f"atheris-{name}"
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(here / f"fuzz_{name}.py"), f"-max_total_time={per}",
+        cmd = [sys.executable, str(here / "fuzz_target.py"), name, f"-max_total_time={per}",
                f"-artifact_prefix={out}/", "-print_final_stats=1"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=per + 120)
         runs = [ln for ln in proc.stderr.splitlines()
