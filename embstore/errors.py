@@ -172,13 +172,16 @@ class DurabilityError(EmbstoreError, OSError):
     """
 
 
-def as_durability_error(exc: OSError, what: str) -> OSError:
+REFUSES = "; the store refuses commits: reopen it to recover"
+
+
+def as_durability_error(exc: OSError, what: str, then: str = REFUSES) -> OSError:
     """A failed write as a typed error: ``exc`` itself if it is embstore's, else a
-    DurabilityError naming ``what`` failed (the caller chains ``exc``)."""
+    DurabilityError saying ``what`` failed, then ``then`` (the caller chains ``exc``)."""
     if isinstance(exc, EmbstoreError):
         return exc
-    return DurabilityError(exc.errno, f"{what} failed ({exc.strerror or exc}); the store "
-                           "refuses commits: reopen it to recover", exc.filename)
+    return DurabilityError(exc.errno, f"{what} failed ({exc.strerror or exc}){then}",
+                           exc.filename)
 
 
 class MissingExtraError(EmbstoreError, ImportError):

@@ -175,7 +175,7 @@ class Store:
                 raise
             # a failed write while opening (the lock, the log, recovery's shard and key
             # index writes) is a typed error, like one after the open
-            typed = as_durability_error(exc, f"opening store {path} for writing")
+            typed = as_durability_error(exc, f"opening store {path} for writing", "")
             if typed is exc:
                 raise
             raise typed from exc
