@@ -4,13 +4,19 @@
   not turn into flaky failures; no example database written into the work tree);
 - ``store_factory``: fresh writable stores in a temp directory, closed at teardown;
 - ``small_table``: a small random table per storage dtype with its numpy oracle;
-- byte-level helpers to damage files at offsets named in the format spec.
+- byte-level helpers to damage files at offsets named in the format spec;
+- the torture suite's short mode (tests/torture): ``tools/`` importable as ``torture``,
+  and every test there also marked ``torture_short``; the long mode is
+  ``python -m tools.torture long``. (Here, not in a tests/torture/conftest.py: two
+  conftest modules without packages shadow each other, and ``from conftest import``
+  then finds the wrong one.)
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,6 +28,17 @@ from hypothesis import HealthCheck, settings
 import embstore
 from embstore.codecs import roundtrip
 from embstore.format import HEADER_BYTES, MANIFEST_HEADER, SHARD_CRC_OFFSET
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))  # the torture package: tools/torture
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/torture/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.torture_short)
+
 
 settings.register_profile(
     "ci",
