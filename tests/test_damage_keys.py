@@ -237,8 +237,19 @@ def test_damaged_btree_page_gives_a_typed_error(tmp_path):
                 store["k"].gather(np.array([5]))
 
 
-def test_full_disk_during_the_lmdb_commit_is_a_durability_error(tmp_path):
-    """Before: lmdb.DiskError came out of insert() and the store took more commits."""
+def _eio_from_lmdb() -> lmdb.Error:
+    """What py-lmdb's C extension raised on a full tmpfs (torture T3): a plain lmdb.Error,
+    the errno in ``.code`` only, not in args."""
+    exc = lmdb.Error("mdb_txn_commit: Input/output error")
+    exc.code = errno.EIO
+    return exc
+
+
+@pytest.mark.parametrize("error", [lambda: lmdb.DiskError("mdb_txn_commit", errno.ENOSPC),
+                                   _eio_from_lmdb], ids=["DiskError", "EIO"])
+def test_full_disk_during_the_lmdb_commit_is_a_durability_error(tmp_path, error):
+    """Before: lmdb.DiskError came out of insert() and the store took more commits; and
+    an EIO from LMDB's short write on a full disk was CorruptIndexError ("damaged")."""
     class DiskFull(FaultyFileSystem):
         """LMDB's commit fails inside the library, as mdb_txn_commit does on ENOSPC."""
 
@@ -249,7 +260,7 @@ def test_full_disk_during_the_lmdb_commit_is_a_durability_error(tmp_path):
 
         @staticmethod
         def disk_full():
-            raise lmdb.DiskError("mdb_txn_commit", errno.ENOSPC)
+            raise error()
 
     fs = DiskFull()
     fs.full = False

@@ -159,7 +159,11 @@ _RESOURCE = (lmdb.DiskError, lmdb.MapFullError, lmdb.TxnFullError, lmdb.MemoryEr
 def typed(exc: lmdb.Error, path: str, what: str) -> Exception:
     """The embstore error for an LMDB exception raised while doing ``what`` on the
     environment at ``path``."""
-    rc = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
+    # py-lmdb keeps the return code in .code (its C extension leaves it out of args): an
+    # errno such as EIO from a commit that ran out of disk is a failed write, not damage
+    rc = getattr(exc, "code", None)
+    if not isinstance(rc, int) or not rc:
+        rc = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
     detail = f"LMDB failed to {what}: {exc.args[0] if exc.args else exc}"
     if isinstance(exc, lmdb.ReadonlyError):
         return ReadOnlyError(f"{path}: {detail}; open the store for writing")
