@@ -33,6 +33,7 @@ from embstore.interop.npy import write_npy_rows
 from embstore.interop.parquet import write_parquet
 from embstore.interop.tfrecord import write_tfrecord
 from embstore.keys import KeyIndex, init_rows
+from embstore.keys.keyfile import TOMBSTONE
 from embstore.progress import ProgressArg
 from embstore.storage import SHARD_NAME, LiveFile, ShardSet, TableMeta
 
@@ -60,6 +61,8 @@ class RowWriter(Protocol):
 
     def import_file(self, table: "Table", fmt: str, path: Path, progress: ProgressArg,
                     **options: Any) -> int: ...
+
+    def delete(self, table: "Table", keys: Any, missing_ok: bool) -> Any: ...
 
 
 class Table:
@@ -317,8 +320,18 @@ class Table:
 
     @property
     def num_keys(self) -> int:
-        """Keyed tables: how many keys the index holds (each has its row)."""
-        return self._keyed().count
+        """Keyed tables: how many keys the index holds (each has its row; rows that
+        deleted keys left, free until a new key takes them, are not counted)."""
+        return self._keyed().live_count
+
+    def keys(self, batch: int = 4096) -> Iterator[int | bytes]:
+        """Keyed tables: every key (int, or the original bytes of a bytes-keyed table),
+        in the index's key order, read ``batch`` at a time in short read transactions:
+        memory stays bounded whatever the table's size. Keys inserted or deleted while
+        iterating may or may not be seen."""
+        self._check_open()
+        for chunk in self._keyed().iter_keys(batch):
+            yield from chunk
 
     def rows_of(self, keys: object) -> np.ndarray:
         """Keyed tables: the row of each key (same shape), -1 where the key is unknown."""
@@ -360,14 +373,25 @@ class Table:
                                   dtype, dim)
 
     def iter_ids_and_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, rows) chunks in row order: row numbers, or keys for a keyed table."""
+        """(ids, rows) chunks in row order: row numbers, or keys for a keyed table (free
+        rows, which deleted keys left, are skipped)."""
         first = 0
         for rows in self.iter_rows():
             ids = np.arange(first, first + len(rows), dtype=np.int64)
+            first += len(rows)
             if self._index is not None:
                 ids = self._index.keys_of(ids)
+                live = ids != TOMBSTONE
+                if not live.all():
+                    ids, rows = ids[live], rows[live]
             yield ids, rows
-            first += len(rows)
+
+    @property
+    def _export_rows(self) -> int:
+        """Rows an export of (ids, rows) writes: every row, less the free ones."""
+        if self._index is None:
+            return self._meta.num_rows
+        return self._meta.num_rows - len(self._index.free_rows_now())
 
     def export_npy(self, path: str | Path, *, progress: ProgressArg = False) -> None:
         """Write all rows, decoded to float32, to a .npy file, in bounded chunks. The file
@@ -381,7 +405,7 @@ class Table:
         """Write (id, embedding) rows to a Parquet file (needs pyarrow): ids are row
         numbers, or keys for a keyed table."""
         self._check_open()
-        write_parquet(Path(path), self.iter_ids_and_rows(), self._meta.num_rows,
+        write_parquet(Path(path), self.iter_ids_and_rows(), self._export_rows,
                       self._meta.dim, progress, f"export {self.name}", id_column,
                       vector_column, fs=self._shards.fs)
 
@@ -390,7 +414,7 @@ class Table:
         """Write one tf.train.Example per row (int64 ``id``, float list ``embedding``),
         readable by tf.data; no TensorFlow needed to write it."""
         self._check_open()
-        write_tfrecord(Path(path), self.iter_ids_and_rows(), self._meta.num_rows, progress,
+        write_tfrecord(Path(path), self.iter_ids_and_rows(), self._export_rows, progress,
                        f"export {self.name}", id_feature, vector_feature, fs=self._shards.fs)
 
     # --- writes: handed to the writer -------------------------------------------------
@@ -416,6 +440,14 @@ class Table:
         ``embstore.optim`` optimizer. Gradients of duplicate ids are summed, as TensorFlow
         sums IndexedSlices. Rows and optimizer slots are logged in one commit."""
         return self._write().apply_gradients(self, ids, grads, optimizer, nan)
+
+    def delete(self, keys: object, *, missing_ok: bool = True) -> Any:
+        """Keyed tables: delete keys. Logged and synced like an update; their rows go on
+        the free list (new keys take them first, so the files stop growing) and their
+        optimizer slots are reset. Unknown keys are counted in the result's ``missing``;
+        with ``missing_ok=False`` they raise UnknownKeyError and nothing is deleted.
+        Returns ``Deleted(deleted, missing, lsn)``."""
+        return self._write().delete(self, keys, missing_ok)
 
     def append(self, rows: object, *, progress: ProgressArg = False) -> np.ndarray:
         """Add rows at the end (dense tables); returns their ids. Existing rows are not

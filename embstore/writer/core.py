@@ -32,6 +32,7 @@ from embstore.fs import FileSystem, refuse_link
 from embstore.log import WriteAheadLog
 from embstore.log.lost_keys import logged_keys
 from embstore.log.payload import Entry, decode_record, encode_record
+from embstore.log.segments import frame_size
 from embstore.manifest import Manifest
 from embstore.table import Table
 from embstore.writer.apply import DirtyShards, apply_entry, reconcile_rows, row_limit
@@ -155,7 +156,8 @@ class Writer:
 
     def _apply(self, tables: list[Table], entries: list[Entry], lsn: int) -> None:
         for table, entry in zip(tables, entries):
-            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
+            # the LSN a commit returns is the one just past its record
+            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), lsn)
 
     def _row_limit(self, table: Table, entry: Entry) -> int:
         """``apply.row_limit``, with a slot table's table from the catalog."""
@@ -218,10 +220,12 @@ class Writer:
         number of records replayed."""
         strides = self.manifest.strides()
         count = 0
+        self._clamp_index_lsns()
         for lsn, payload in self.log.replay(self.manifest.checkpoint_lsn):
+            end = lsn + frame_size(len(payload))
             for entry in decode_record(payload, strides, f"{self.root / WAL_DIR} lsn {lsn}"):
                 table = self.catalog.get(entry.table)
-                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
+                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), end)
             count += 1
         for name in self.manifest.table_names:
             table = self.catalog.get(name)
@@ -231,6 +235,16 @@ class Writer:
         self.recovered_records = count
         self.checkpoint()
         return count
+
+    def _clamp_index_lsns(self) -> None:
+        """A key index that recorded a log position past the log's end applied records
+        the log lost (sync other than "step" acknowledges before fdatasync): the records
+        that reuse those positions are new and must be applied, so the index's position
+        comes back to the log's end first."""
+        for name in self.manifest.table_names:
+            index = self.catalog.get(name)._index
+            if index is not None and index.applied_lsn > self.log.end_lsn:
+                index.set_applied_lsn(self.log.end_lsn)
 
     # --- closing ------------------------------------------------------------------------
 

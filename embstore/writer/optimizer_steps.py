@@ -91,15 +91,18 @@ def apply_gradients(writer: Writer, table: Table, ids: Any, grads: Any, optimize
         opt.learning_rate(step)
         slots = slot_tables(writer, table, opt)
         uniq, summed = sum_duplicates(rows, g)
-        is_new = uniq >= table._meta.num_rows
+        # new keys may take free rows (below num_rows): new-ness comes from the allocation
+        new_keys, _raw, new_rows = key_info if key_info is not None else (None, None, None)
+        is_new = np.isin(uniq, new_rows) if new_rows is not None else \
+            np.zeros(len(uniq), bool)
         if not is_new.any():
             current = table.gather_rows(uniq)
         else:
             current = np.empty((len(uniq), table.dim), np.float32)
             if (~is_new).any():
                 current[~is_new] = table.gather_rows(uniq[~is_new])
-            # new rows are num_rows + rank of first appearance, so row - num_rows indexes keys
-            current[is_new] = table._initial_rows(key_info[0][uniq[is_new] - table._meta.num_rows])
+            # new_rows ascend with the keys' rank, so a row's position there names its key
+            current[is_new] = table._initial_rows(new_keys[np.searchsorted(new_rows, uniq[is_new])])
         slot_values = {s: read_slot(t, uniq) for s, t in slots.items()}
         opt.apply(current, slot_values, summed, step)
         entries = entries_of(table, uniq, current, is_new, key_info, step)

@@ -14,7 +14,7 @@ import numpy as np
 
 from embstore.progress import ProgressArg
 from embstore.table import Table
-from embstore.writer import bulk, optimizer_steps, updates
+from embstore.writer import bulk, deletes, optimizer_steps, updates
 from embstore.writer.core import Writer
 
 
@@ -42,3 +42,6 @@ class TableWrites:
     def import_file(self, table: Table, fmt: str, path: Path, progress: ProgressArg,
                     **options: Any) -> int:
         return bulk.import_file(self.writer, table, fmt, path, progress, **options)
+
+    def delete(self, table: Table, keys: Any, missing_ok: bool) -> deletes.Deleted:
+        return deletes.delete(self.writer, table, keys, missing_ok)

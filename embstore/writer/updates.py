@@ -1,8 +1,9 @@
 """Row updates and inserts, turned into log entries and committed by the writer.
 
 An update carries the full new value of every row it changes; a keyed table's new keys
-get rows from ``num_rows`` on, allocated under the writer's lock so that two threads
-never hand the same row to different keys.
+get the free rows deleted keys left (lowest first), then rows from ``num_rows`` on,
+allocated under the writer's lock so that two threads never hand the same row to
+different keys.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from embstore.errors import (
     NonFiniteError,
     ShapeError,
 )
+from embstore.keys.assign import reserved_key_error
 from embstore.log.payload import Entry
 from embstore.table import Table
 from embstore.writer.core import Writer
@@ -76,8 +78,8 @@ def finite_rows(flat_ids: Any, values: np.ndarray, nan: str, table: Table, what:
 def resolve_rows(table: Table, ids: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     """Row numbers for ids (dense) or keys (keyed), allocating rows for new keys.
 
-    Returns (rows, new_mask, key_info) where key_info is the int64 keys (and raw bytes
-    keys for bytes tables) of the new rows, for the log entry."""
+    Returns (rows, new_mask, key_info) where key_info is (int64 keys, raw bytes keys for
+    bytes tables, rows) of the new keys, rows ascending, for the log entry."""
     if table._index is None:
         rows = np.asarray(ids)
         if rows.dtype.kind not in "iu":
@@ -98,14 +100,20 @@ def resolve_rows(table: Table, ids: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     order = np.argsort(first)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    rows[new] = table._meta.num_rows + rank[inverse]
     new_keys = uniq[order]
     raw = None
     if table._meta.key_type == "bytes":
         flat = list(ids)
         new_pos = np.flatnonzero(new)[first[order]]
         raw = [flat[i].encode() if isinstance(flat[i], str) else bytes(flat[i]) for i in new_pos]
-    return rows, new, (new_keys, raw)
+    bad = reserved_key_error(new_keys, raw)
+    if bad is not None:
+        raise bad
+    # free rows (ascending, all below num_rows) first: rows ascend with rank
+    free = table._index.free_rows()[:len(new_keys)]
+    new_rows = np.concatenate([free, table._meta.num_rows + np.arange(len(new_keys) - free.size)])
+    rows[new] = new_rows[rank[inverse]]
+    return rows, new, (new_keys, raw, new_rows)
 
 
 def entries_of(table: Table, rows: np.ndarray, values: np.ndarray, new: np.ndarray,
@@ -118,10 +126,10 @@ def entries_of(table: Table, rows: np.ndarray, values: np.ndarray, new: np.ndarr
     if old.any():
         entries.append(Entry(table.name, rows[old], encode_rows(values[old], table.storage_dtype), step=step))
     if new.any():
-        new_keys, raw = key_info
+        new_keys, raw, _ = key_info
         order = np.argsort(rows[new])
         new_rows = rows[new][order]
-        # rows[new] come as num_rows + rank, so sorting by row sorts the keys the same way
+        # rows of new keys ascend with their rank, so sorting by row sorts the keys alike
         entries.append(Entry(table.name, new_rows, encode_rows(values[new][order], table.storage_dtype),
                              keys=None if raw is not None else new_keys, step=step,
                              raw_keys=raw))
