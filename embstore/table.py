@@ -339,10 +339,13 @@ class Table:
         index = self._keyed()
         return index.lookup(index.to_int64(keys))
 
-    def keys_of(self, rows: object) -> np.ndarray:
-        """Keyed tables: the int64 key of each row (for bytes keys, their int64 form)."""
+    def keys_of(self, rows: object, *, original: bool = False) -> np.ndarray:
+        """Keyed tables: the int64 key of each row (for bytes keys, their int64 form);
+        ``original=True``: a bytes table's keys as they were inserted (object array of
+        bytes, None at a free row)."""
         self._check_open()
-        return self._keyed().keys_of(rows)
+        index = self._keyed()
+        return index.original_keys_of(rows) if original else index.keys_of(rows)
 
     # --- bulk reads -------------------------------------------------------------------
 
@@ -374,16 +377,19 @@ class Table:
 
     def iter_ids_and_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, rows) chunks in row order: row numbers, or keys for a keyed table (free
-        rows, which deleted keys left, are skipped)."""
+        rows, which deleted keys left, are skipped). A bytes table's keys come as the
+        original bytes (object array)."""
         first = 0
         for rows in self.iter_rows():
             ids = np.arange(first, first + len(rows), dtype=np.int64)
             first += len(rows)
             if self._index is not None:
-                ids = self._index.keys_of(ids)
+                row_ids, ids = ids, self._index.keys_of(ids)
                 live = ids != TOMBSTONE
                 if not live.all():
-                    ids, rows = ids[live], rows[live]
+                    ids, rows, row_ids = ids[live], rows[live], row_ids[live]
+                if self._meta.key_type == "bytes":
+                    ids = self._index.original_keys_of(row_ids)
             yield ids, rows
 
     @property
@@ -407,14 +413,18 @@ class Table:
         self._check_open()
         write_parquet(Path(path), self.iter_ids_and_rows(), self._export_rows,
                       self._meta.dim, progress, f"export {self.name}", id_column,
-                      vector_column, fs=self._shards.fs)
+                      vector_column, fs=self._shards.fs,
+                      binary_ids=self._meta.key_type == "bytes")
 
     def export_tfrecord(self, path: str | Path, *, progress: ProgressArg = False,
                         id_feature: str = "id", vector_feature: str = "embedding") -> None:
         """Write one tf.train.Example per row (int64 ``id``, float list ``embedding``),
         readable by tf.data; no TensorFlow needed to write it."""
         self._check_open()
-        write_tfrecord(Path(path), self.iter_ids_and_rows(), self._export_rows, progress,
+        ids_rows = self.iter_ids_and_rows()
+        if self._meta.key_type == "bytes":  # TFRecord ids are int64: the keys' int64 form
+            ids_rows = ((self._index.to_int64(list(i)), r) for i, r in ids_rows)
+        write_tfrecord(Path(path), ids_rows, self._export_rows, progress,
                        f"export {self.name}", id_feature, vector_feature, fs=self._shards.fs)
 
     # --- writes: handed to the writer -------------------------------------------------

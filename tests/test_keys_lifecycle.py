@@ -516,3 +516,53 @@ KeyLifecycleMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("EMBSTORE_SM_EXAMPLES", "20")), stateful_step_count=20,
     deadline=None, suppress_health_check=[HealthCheck.too_slow])
 test_key_lifecycle_state_machine = KeyLifecycleMachine.TestCase
+
+
+# --- readable bytes keys ------------------------------------------------------------------
+
+
+def test_bytes_table_exports_original_keys_and_reimports_as_the_same_table(tmp_path):
+    pytest.importorskip("pyarrow")
+    keys = [b"alice", "bob", b"\xff\x00raw", "caf\u00e9"]
+    rows = np.arange(16, dtype=np.float32).reshape(4, DIM)
+    with keyed_store(tmp_path / "s", key_type="bytes") as store:
+        t = store["t"]
+        t.insert(keys, rows)
+        t.delete(["bob"])
+        got = t.keys_of(np.arange(4), original=True)
+        assert got.tolist() == [b"alice", None, b"\xff\x00raw", "caf\u00e9".encode()]
+        t.export_parquet(tmp_path / "out.parquet")
+        copy = store.create_table("copy", DIM, key_type="bytes")
+        copy.import_parquet(tmp_path / "out.parquet")
+        assert sorted(copy.keys()) == sorted(t.keys())
+        live = [b"alice", b"\xff\x00raw", "caf\u00e9".encode()]
+        np.testing.assert_array_equal(copy.gather(live), t.gather(live))
+        assert store.check() == []
+
+
+def test_head_shows_the_original_bytes_keys(tmp_path, capsys):
+    from embstore.cli import main
+    with keyed_store(tmp_path / "s", key_type="bytes") as store:
+        store["t"].insert([b"user-1", b"user-2"])
+        store["t"].delete([b"user-1"])
+    assert main(["head", str(tmp_path / "s"), "t", "--json"]) == 0
+    import json
+    assert json.loads(capsys.readouterr().out)["keys"] == [None, "user-2"]
+
+
+def test_an_index_without_original_keys_is_read_by_scan_and_backfilled_by_a_writer(tmp_path):
+    """An index written before row2key existed: readers fall back to a scan of key2row;
+    the first writable open fills row2key."""
+    import lmdb
+    path = tmp_path / "s"
+    with keyed_store(path, key_type="bytes") as store:
+        store["t"].insert([b"a", b"bb", b"ccc"])
+    env = lmdb.open(str(path / "tables" / "t" / "index" / "keys.lmdb"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"row2key", txn=txn), delete=True)
+    env.close()
+    with embstore.open(path) as ro:
+        assert ro["t"].keys_of([0, 1, 2], original=True).tolist() == [b"a", b"bb", b"ccc"]
+    with embstore.open(path, "r+") as store:
+        rec = store["t"]._index._record
+        assert rec.raw_keys(np.arange(3)) == [b"a", b"bb", b"ccc"] and rec._legacy_raw is None

@@ -116,6 +116,8 @@ class KeyIndex(IndexInspection):
             self.key_type = self._record.key_type
             self._type_code = KEY_TYPES[self.key_type]
             self._load()
+            if not readonly:  # an older package left no original bytes keys: add them
+                self._record.backfill_row2key()
         except BaseException:
             self.close()
             raise
@@ -491,6 +493,17 @@ class KeyIndex(IndexInspection):
             if self._free is None:
                 self._free = self._record.free_rows()
             return self._free
+
+    def original_keys_of(self, rows: Any) -> np.ndarray:
+        """The key of each row as the caller gave it: int64 keys as they are; the
+        original bytes of a bytes table (object array; None for a free row). Bytes
+        come from LMDB (one get a row, ~1 us), not from the hash."""
+        if self.key_type != "bytes":
+            return self.keys_of(rows)
+        r = as_int_keys(rows, "rows")
+        out = np.empty(r.shape, object)
+        out.reshape(-1)[:] = self._record.raw_keys(r.reshape(-1))
+        return out
 
     def free_rows_now(self) -> np.ndarray:
         """The free list as LMDB holds it now (a reader's view; a writer's is cached)."""

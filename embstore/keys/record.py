@@ -60,7 +60,7 @@ T = TypeVar("T")
 META_FORMAT = b"embstore-keyindex"
 MAP_GROWTHS = 8  # a commit that fills the map doubles it, at most this many times
 READ_RETRIES = 50  # an unlocked read overtaken by two commits of a live writer is redone
-MAX_DBS = 4  # meta, key2row, free (version 2), and one spare for a later version
+MAX_DBS = 4  # meta, key2row, free (version 2), row2key (bytes tables)
 LSN_KEY = b"lsn"  # meta: the log position of the last record applied to the index
 
 
@@ -94,6 +94,13 @@ class _SharedEnv:
                     self.free: Any = self.env.open_db(b"free", create=writable)
                 except lmdb.NotFoundError:
                     self.free = None
+                # row -> original bytes key (bytes tables): what head, export and
+                # iteration show. Derived from key2row; a writer backfills it when an
+                # older package left it short (KeyRecord.backfill_row2key).
+                try:
+                    self.row2key: Any = self.env.open_db(b"row2key", create=writable)
+                except lmdb.NotFoundError:
+                    self.row2key = None
             except BaseException:
                 self.env.close()
                 raise
@@ -160,6 +167,7 @@ class KeyRecord:
     def __init__(self, path: str, readonly: bool, map_size: int, fs: FileSystem) -> None:
         self.path, self._fs, self._map_size = path, fs, map_size
         self.readonly = readonly
+        self._legacy_raw: dict[int, bytes] | None = None  # row -> bytes without row2key
         # A writer holds its environment open; a reader borrows one per read.
         self._env: _SharedEnv | None = None if readonly else _acquire(path, map_size)
         try:
@@ -178,6 +186,7 @@ class KeyRecord:
                 meta = env.open_db(b"meta")
                 env.open_db(b"key2row")
                 env.open_db(b"free")
+                env.open_db(b"row2key")
                 with env.begin(write=True, db=meta) as txn:
                     txn.put(b"format", META_FORMAT)
                     # version 1 until a key is deleted: older packages read the index
@@ -257,6 +266,44 @@ class KeyRecord:
         """Log position of the last record applied to the index (0: none recorded)."""
         v = self._read("read the applied LSN", lambda txn, e: txn.get(LSN_KEY, db=e.meta))
         return int(v) if v and v.isdigit() else 0
+
+    def raw_keys(self, rows: np.ndarray) -> list[bytes | None]:
+        """Bytes tables: the original key of each row (None: free, or unknown)."""
+        def get(txn: Any, e: _SharedEnv) -> list[bytes | None] | None:
+            if e.row2key is None or txn.stat(e.row2key)["entries"] != txn.stat(e.rows)["entries"]:
+                return None  # written by an older package and not yet backfilled
+            return [txn.get(row_key(r), db=e.row2key) for r in rows.tolist()]
+
+        got = self._read("read original keys", get)
+        if got is not None:
+            return got
+        if self._legacy_raw is None:  # O(n) once: a reader of an index no writer upgraded
+            _, rws, raw, _ = self.scan()
+            self._legacy_raw = dict(zip(rws.tolist(), raw or []))
+        return [self._legacy_raw.get(r) for r in rows.tolist()]
+
+    def backfill_row2key(self) -> int:
+        """Writer, bytes tables: fill ``row2key`` from ``key2row`` when it holds fewer
+        entries (an index written by a package without it). One transaction; O(n) once.
+        Returns the entries written."""
+        e = self._e
+        if self.key_type != "bytes":
+            return 0
+        with lmdb_errors(self.path, "count original keys"), e.env.begin() as txn:
+            if txn.stat(e.row2key)["entries"] == txn.stat(e.rows)["entries"]:
+                return 0
+        done = [0]
+
+        def body() -> None:
+            with e.env.begin(write=True) as txn:
+                txn.drop(e.row2key, delete=False)
+                items = [(row_key(int.from_bytes(v, "little")), bytes(k))
+                         for k, v in txn.cursor(db=e.rows)]
+                txn.cursor(db=e.row2key).putmulti(items)
+                done[0] = len(items)
+
+        self._commit("backfill original keys", body)
+        return done[0]
 
     def set_applied_lsn(self, lsn: int) -> None:
         def body() -> None:
@@ -345,6 +392,8 @@ class KeyRecord:
                     got.append(None if v is None else int.from_bytes(v, "little"))
                     if v is not None:
                         txn.put(row_key(got[-1]), b"", db=e.free)
+                        if self.key_type == "bytes":
+                            txn.delete(row_key(got[-1]), db=e.row2key)
                 txn.put(b"version", str(FORMAT_VERSION).encode(), db=e.meta)
                 if lsn:
                     txn.put(LSN_KEY, str(lsn).encode(), db=e.meta)
@@ -376,6 +425,9 @@ class KeyRecord:
             if added != len(items):
                 raise FormatError(f"{len(items) - added} new keys already exist in LMDB but "
                                   "not in the keys file; run check()", self.path)
+            if self.key_type == "bytes":
+                txn.cursor(db=e.row2key).putmulti(
+                    [(row_key(int.from_bytes(v, "little")), k) for k, v in items])
             for row in reused:
                 if not txn.delete(row_key(row), db=e.free):
                     raise FormatError(f"row {row} is given a new key but is not free", self.path)
