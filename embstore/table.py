@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from embstore.interop.parquet import write_parquet
 from embstore.interop.tfrecord import write_tfrecord
 from embstore.keys import KeyIndex, init_rows
 from embstore.keys.keyfile import TOMBSTONE
+from embstore.keys.metadata import META_SUFFIX, WIDTH, decode
 from embstore.progress import ProgressArg
 from embstore.storage import SHARD_NAME, LiveFile, ShardSet, TableMeta
 
@@ -64,6 +65,10 @@ class RowWriter(Protocol):
 
     def delete(self, table: "Table", keys: Any, missing_ok: bool) -> Any: ...
 
+    def track_keys(self, table: "Table") -> None: ...
+
+    def evict(self, table: "Table", **policy: Any) -> Any: ...
+
 
 class Table:
     """One named table of a store. Obtain with ``store[name]`` or ``store.table(name)``.
@@ -85,6 +90,8 @@ class Table:
         self._cache_bytes = 0
         self.set_cache_bytes(cache_bytes)
         self._grow_lock = threading.Lock()
+        # the store's companion tables of this one by suffix (set by the catalog)
+        self._companion: Callable[[str], "Table | None"] = lambda suffix: None
 
     # --- properties -----------------------------------------------------------------
 
@@ -323,6 +330,47 @@ class Table:
         """Keyed tables: how many keys the index holds (each has its row; rows that
         deleted keys left, free until a new key takes them, are not counted)."""
         return self._keyed().live_count
+
+    @property
+    def tracks_keys(self) -> bool:
+        """Keyed tables: whether per-key metadata is kept (``track_keys()``)."""
+        return self._companion(META_SUFFIX) is not None
+
+    def key_metadata(self, keys: object) -> dict[str, np.ndarray]:
+        """Keyed tables tracking their keys: per key, ``updates`` (writes since its
+        insert), ``last_step`` and ``insert_step`` (the table's ``step`` then), ``row``;
+        -1 everywhere for an unknown key. Keys present before tracking began read 0
+        until their next write."""
+        self._check_open()
+        meta = self._companion(META_SUFFIX)
+        if meta is None:
+            raise InvalidArgumentError(f"table {self.name!r} does not track its keys: "
+                                       "call track_keys() on a writable store first")
+        index = self._keyed()
+        rows = index.lookup(index.to_int64(keys)).reshape(-1)
+        stored = np.zeros((len(rows), WIDTH), np.float32)
+        seen = (rows >= 0) & (rows < meta.num_rows)
+        if seen.any():
+            stored[seen] = meta.gather_rows(rows[seen])
+        out = decode(stored)
+        for column in out.values():
+            column[rows < 0] = -1
+        return {**out, "row": rows}
+
+    def track_keys(self) -> None:
+        """Keyed tables: keep per-key metadata from now on (idempotent), in the same
+        commits as the rows. Needed by ``evict``."""
+        self._write().track_keys(self)
+
+    def evict(self, *, ttl: int | None = None, max_keys: int | None = None,
+              policy: str = "lru", now: int | None = None, force: bool = False) -> Any:
+        """Keyed tables tracking their keys: delete keys not written for more than
+        ``ttl`` steps (``now - last_step > ttl``; ``now`` defaults to ``step``), then,
+        of the rest, the least recently (``policy="lru"``) or least frequently
+        (``"lfu"``) updated down to ``max_keys``. Refuses to evict every key unless
+        ``force``. Returns ``Evicted(evicted, remaining, lsn)``."""
+        return self._write().evict(self, ttl=ttl, max_keys=max_keys, policy=policy,
+                                   now=now, force=force)
 
     def keys(self, batch: int = 4096) -> Iterator[int | bytes]:
         """Keyed tables: every key (int, or the original bytes of a bytes-keyed table),

@@ -419,6 +419,17 @@ class KeyLifecycleMachine(RuleBasedStateMachine):
     def create(self) -> None:
         self.store = keyed_store(self.path, missing="zeros", checkpoint_bytes=16 << 10,
                                  wal_segment_bytes=4 << 10)
+        self.store["t"].track_keys()
+
+    @rule(cap=st.integers(0, 8), policy=st.sampled_from(["lru", "lfu"]))
+    def evict(self, cap: int, policy: str) -> None:
+        """Eviction keeps min(live, cap) of the live keys and invents none."""
+        before = set(self.model.live)
+        got = self.store["t"].evict(max_keys=cap, policy=policy, force=True)
+        after = set(self.store["t"].keys())
+        assert after <= before and len(after) == min(len(before), cap) == got.remaining
+        for k in before - after:
+            self.model.live.pop(k)
 
     @rule(op=ops)
     def write(self, op: tuple) -> None:
@@ -566,3 +577,87 @@ def test_an_index_without_original_keys_is_read_by_scan_and_backfilled_by_a_writ
     with embstore.open(path, "r+") as store:
         rec = store["t"]._index._record
         assert rec.raw_keys(np.arange(3)) == [b"a", b"bb", b"ccc"] and rec._legacy_raw is None
+
+
+# --- key metadata and eviction ------------------------------------------------------------
+
+
+def trained(path: Path, steps: int = 10):
+    """A tracked table stepped ``steps`` times over a sliding window of 5 keys: key k is
+    written at steps k+1 .. k+5 (within range), so its metadata is known exactly."""
+    store = keyed_store(path, missing="zeros")
+    t = store["t"]
+    t.track_keys()
+    for s in range(steps):
+        t.apply_gradients(np.arange(s, s + 5), np.ones((5, DIM), np.float32), "adagrad")
+    return store
+
+
+def test_key_metadata_counts_updates_and_steps_and_survives_a_crash(tmp_path):
+    path = tmp_path / "s"
+    with trained(path) as store:
+        t = store["t"]
+        md = t.key_metadata([0, 4, 9, 13, 99])
+        assert md["updates"].tolist() == [1, 5, 5, 1, -1]
+        assert md["last_step"].tolist() == [1, 5, 10, 10, -1]
+        assert md["insert_step"].tolist() == [1, 1, 6, 10, -1]
+        t.update([4], np.zeros((1, DIM)))  # a plain update counts, at the current step
+        assert t.key_metadata([4])["updates"].tolist() == [6]
+
+    def child() -> None:
+        s = embstore.open(path, "r+")
+        s["t"].apply_gradients([4, 50], np.ones((2, DIM), np.float32), "adagrad")
+    run_in_child(child)
+    with embstore.open(path, "r+") as store:
+        md = store["t"].key_metadata([4, 50])
+        assert md["updates"].tolist() == [7, 1] and md["last_step"].tolist() == [11, 11]
+        assert md["insert_step"].tolist() == [1, 11]
+        assert store.check() == []
+
+
+def test_a_deleted_key_that_returns_starts_its_metadata_afresh(tmp_path):
+    with trained(tmp_path / "s") as store:
+        t = store["t"]
+        t.delete([9])
+        t.insert([9])
+        md = t.key_metadata([9])
+        assert (md["updates"][0], md["insert_step"][0]) == (1, 10)
+
+
+def test_metadata_needs_tracking_and_a_keyed_table(tmp_path):
+    with keyed_store(tmp_path / "s") as store:
+        with pytest.raises(InvalidArgumentError, match="track_keys"):
+            store["t"].key_metadata([1])
+        with pytest.raises(InvalidArgumentError, match="track_keys"):
+            store["t"].evict(max_keys=1)
+        store.create_table("d", DIM, rows=2)
+        with pytest.raises(InvalidArgumentError, match="not keyed"):
+            store["d"].track_keys()
+
+
+def test_evict_by_ttl_then_cap_with_lru_and_lfu(tmp_path):
+    with trained(tmp_path / "s") as store:
+        t = store["t"]
+        got = t.evict(ttl=3)  # now = step 10: keys last written before step 7 go
+        assert (got.evicted, got.remaining) == (6, 8)
+        assert sorted(t.keys()) == list(range(6, 14))
+        # LFU: keys 10..13 have fewer updates; among 6..9 (5 each) the older goes first
+        assert t.evict(max_keys=3, policy="lfu").evicted == 5
+        assert sorted(t.keys()) == [7, 8, 9]
+        assert t.evict(max_keys=2, policy="lru").evicted == 1
+        assert sorted(t.keys()) == [8, 9]
+        assert store.check() == []
+
+
+def test_evict_refuses_to_empty_the_table_unless_forced(tmp_path):
+    with trained(tmp_path / "s") as store:
+        t = store["t"]
+        with pytest.raises(InvalidArgumentError, match="all 14 keys"):
+            t.evict(ttl=0, now=100)
+        assert t.num_keys == 14
+        assert t.evict(max_keys=0, force=True).evicted == 14
+        assert t.num_keys == 0 and list(t.keys()) == []
+        with pytest.raises(InvalidArgumentError, match="policy"):
+            t.evict(max_keys=1, policy="fifo")
+        with pytest.raises(InvalidArgumentError, match="ttl"):
+            t.evict()

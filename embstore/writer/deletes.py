@@ -76,10 +76,24 @@ def delete(writer: Writer, table: Table, keys: Any, missing_ok: bool = True) -> 
                                   "(missing_ok=True counts them instead)")
         if not known.any():
             return Deleted(0, missing, writer.log.end_lsn)
-        freed = rows[known]
-        entry = Entry(table.name, freed, np.empty((0, table._meta.stride), np.uint8),
-                      keys=None if raw is not None else ikeys[known],
-                      raw_keys=[k for k, ok in zip(raw, known) if ok] if raw is not None
-                      else None, deleted=True)
-        lsn = writer.commit([entry] + slot_resets(writer, table, np.sort(freed)))
+        lsn = commit_deletion(writer, table, rows[known], ikeys[known],
+                              [k for k, ok in zip(raw, known) if ok] if raw is not None else None)
         return Deleted(int(known.sum()), missing, lsn)
+
+
+def commit_deletion(writer: Writer, table: Table, rows: np.ndarray, ikeys: np.ndarray,
+                    raw: list[bytes] | None) -> int:
+    """Log and apply the deletion of keys known to hold ``rows`` (writer lock held)."""
+    entry = Entry(table.name, rows, np.empty((0, table._meta.stride), np.uint8),
+                  keys=None if raw is not None else ikeys, raw_keys=raw, deleted=True)
+    return writer.commit([entry] + slot_resets(writer, table, np.sort(rows)))
+
+
+def delete_rows(writer: Writer, table: Table, rows: np.ndarray) -> int:
+    """Delete the keys that hold ``rows`` (live rows; writer lock held): eviction."""
+    index = table._index
+    assert index is not None
+    raw = None
+    if table._meta.key_type == "bytes":
+        raw = index.original_keys_of(rows).tolist()
+    return commit_deletion(writer, table, rows, index.keys_of(rows), raw)

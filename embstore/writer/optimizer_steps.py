@@ -18,6 +18,7 @@ from embstore.errors import InvalidArgumentError
 from embstore.log.payload import Entry
 from embstore.optim import SparseOptimizer, get_optimizer, sum_duplicates
 from embstore.table import Table
+from embstore.writer import key_metadata
 from embstore.writer.core import Writer
 from embstore.writer.tables import create_slot_table
 from embstore.writer.updates import entries_of, finite_rows, flat_updates, resolve_rows
@@ -108,4 +109,4 @@ def apply_gradients(writer: Writer, table: Table, ids: Any, grads: Any, optimize
         entries = entries_of(table, uniq, current, is_new, key_info, step)
         for s, t in slots.items():
             entries.append(Entry(t.name, uniq, slot_encode(slot_values[s], t._meta.fill), step=step))
-        return writer.commit(entries)
+        return writer.commit(key_metadata.add_entry(writer, table, entries, step))

@@ -12,9 +12,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from embstore.errors import InvalidArgumentError
 from embstore.progress import ProgressArg
 from embstore.table import Table
-from embstore.writer import bulk, deletes, optimizer_steps, updates
+from embstore.writer import bulk, deletes, eviction, key_metadata, optimizer_steps, updates
 from embstore.writer.core import Writer
 
 
@@ -45,3 +46,11 @@ class TableWrites:
 
     def delete(self, table: Table, keys: Any, missing_ok: bool) -> deletes.Deleted:
         return deletes.delete(self.writer, table, keys, missing_ok)
+
+    def track_keys(self, table: Table) -> None:
+        if table._index is None:
+            raise InvalidArgumentError(f"table {table.name!r} is not keyed: no keys to track")
+        key_metadata.enable(self.writer, table)
+
+    def evict(self, table: Table, **policy: Any) -> eviction.Evicted:
+        return eviction.evict(self.writer, table, **policy)

@@ -22,6 +22,7 @@ from embstore.errors import (
 from embstore.keys.assign import reserved_key_error
 from embstore.log.payload import Entry
 from embstore.table import Table
+from embstore.writer import key_metadata
 from embstore.writer.core import Writer
 
 NAN_POLICIES = ("raise", "skip_rows")
@@ -153,7 +154,7 @@ def update(writer: Writer, table: Table, ids: Any, values: Any, nan: str = "rais
         uniq, idx = np.unique(rev_rows, return_index=True)
         pick = len(rows) - 1 - idx
         entries = entries_of(table, rows[pick], vals[pick], new[pick], key_info, 0)
-        return writer.commit(entries)
+        return writer.commit(key_metadata.add_entry(writer, table, entries, table._meta.step))
 
 
 def insert_initial(writer: Writer, table: Table, keys: Any) -> int:
