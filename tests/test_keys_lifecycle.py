@@ -661,3 +661,29 @@ def test_evict_refuses_to_empty_the_table_unless_forced(tmp_path):
             t.evict(max_keys=1, policy="fifo")
         with pytest.raises(InvalidArgumentError, match="ttl"):
             t.evict()
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def test_cli_keys_evict_and_stats(tmp_path, capsys):
+    import json
+
+    from embstore.cli import main
+    path = str(tmp_path / "s")
+    trained(tmp_path / "s").close()
+    assert main(["keys", path, "t", "--limit", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["num_keys"] == 14 and got["shown"] == 2 and len(got["updates"]) == 2
+    assert main(["keys", path, "t", "--limit", "3"]) == 0
+    assert "(3 of 14 keys shown)" in capsys.readouterr().out
+    assert main(["stats", path, "t", "--json"]) == 0
+    keys = json.loads(capsys.readouterr().out)["tables"]["t"]["keys"]
+    assert keys["num_keys"] == 14 and keys["updates"]["max"] == 5 and keys["step"] == 10
+    assert main(["evict", path, "t", "--max-keys", "0"]) == 2  # refused: would empty it
+    assert "--force" in capsys.readouterr().err
+    assert main(["evict", path, "t", "--ttl", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["evicted"] == 6
+    assert main(["evict", path, "t"]) == 2
+    assert main(["keys", path, "t", "--limit", "0", "--json"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["key"]) == list(range(6, 14))

@@ -96,7 +96,7 @@ def evict(writer: Writer, table: Table, *, ttl: int | None = None,
         if len(victims) and len(victims) == len(rows) and not force:
             raise InvalidArgumentError(
                 f"this policy would evict all {len(rows)} keys of table {table.name!r}; "
-                "pass force=True if that is meant")
+                "pass force=True (embstore-cli evict: --force) if that is meant")
         lsn = writer.log.end_lsn
         for i in range(0, len(victims), BATCH):
             lsn = delete_rows(writer, table, np.sort(victims[i:i + BATCH]))
