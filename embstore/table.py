@@ -372,6 +372,25 @@ class Table:
         return self._write().evict(self, ttl=ttl, max_keys=max_keys, policy=policy,
                                    now=now, force=force)
 
+    def deleted_since(self, lsn: int = 0, batch: int = 4096) -> Iterator[tuple[int, int, Any]]:
+        """Keyed tables: tombstones, ``(lsn, row, key)`` of every key deleted (or
+        evicted) by a commit that returned a position after ``lsn``, oldest first, in
+        bounded memory: what a delta export since log position ``lsn`` carries (``lsn``
+        is the tombstone's commit position). A key may be live again (deleted, then
+        inserted): apply tombstones before the rows of the same span. Kept until
+        ``prune_tombstones``."""
+        self._check_open()
+        for chunk in self._keyed().deleted_since(lsn, batch):
+            yield from chunk
+
+    def prune_tombstones(self, before: int) -> int:
+        """Keyed tables, writable store: forget tombstones of deletions logged before
+        ``before`` (once every delta export has carried them)."""
+        self._check_open()
+        if not self.writable:
+            raise ReadOnlyError(f"table {self.name!r} is open read-only")
+        return self._keyed().prune_tombstones(before)
+
     def keys(self, batch: int = 4096) -> Iterator[int | bytes]:
         """Keyed tables: every key (int, or the original bytes of a bytes-keyed table),
         in the index's key order, read ``batch`` at a time in short read transactions:

@@ -505,6 +505,25 @@ class KeyIndex(IndexInspection):
         out.reshape(-1)[:] = self._record.raw_keys(r.reshape(-1))
         return out
 
+    def deleted_since(self, lsn: int, batch: int = 4096
+                      ) -> Iterator[list[tuple[int, int, int | bytes]]]:
+        """Tombstones: (lsn, row, key) of every key deleted by a log record ending after
+        ``lsn`` (the position a commit returned: the state an earlier export saw), oldest
+        first, ``batch`` at a time (bounded memory). ``lsn`` is
+        the position a commit returned; the key is an int, or the original bytes. A key
+        deleted and inserted again since is listed (and live): an exporter applies
+        tombstones before the rows of the same span."""
+        as_int = self.key_type == "int64"
+        for chunk in self._record.tombstones_since(lsn, batch):
+            yield [(at, row, struct.unpack(">q", k)[0] if as_int else k)
+                   for at, row, k in chunk]
+
+    def prune_tombstones(self, before: int) -> int:
+        """Forget tombstones of deletions logged before ``before``; returns how many."""
+        with self._mutex:
+            self._check_writable()
+            return self._record.prune_tombstones(before)
+
     def free_rows_now(self) -> np.ndarray:
         """The free list as LMDB holds it now (a reader's view; a writer's is cached)."""
         return self.free_rows() if not self.readonly else self._record.free_rows()

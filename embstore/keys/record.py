@@ -60,7 +60,7 @@ T = TypeVar("T")
 META_FORMAT = b"embstore-keyindex"
 MAP_GROWTHS = 8  # a commit that fills the map doubles it, at most this many times
 READ_RETRIES = 50  # an unlocked read overtaken by two commits of a live writer is redone
-MAX_DBS = 4  # meta, key2row, free (version 2), row2key (bytes tables)
+MAX_DBS = 8  # meta, key2row, free (version 2), row2key (bytes tables), tombstones; spares
 LSN_KEY = b"lsn"  # meta: the log position of the last record applied to the index
 
 
@@ -101,6 +101,11 @@ class _SharedEnv:
                     self.row2key: Any = self.env.open_db(b"row2key", create=writable)
                 except lmdb.NotFoundError:
                     self.row2key = None
+                # (lsn, row) -> key of every logged deletion, for delta exports
+                try:
+                    self.tombstones: Any = self.env.open_db(b"tombstones", create=writable)
+                except lmdb.NotFoundError:
+                    self.tombstones = None
             except BaseException:
                 self.env.close()
                 raise
@@ -187,6 +192,7 @@ class KeyRecord:
                 env.open_db(b"key2row")
                 env.open_db(b"free")
                 env.open_db(b"row2key")
+                env.open_db(b"tombstones")
                 with env.begin(write=True, db=meta) as txn:
                     txn.put(b"format", META_FORMAT)
                     # version 1 until a key is deleted: older packages read the index
@@ -305,6 +311,52 @@ class KeyRecord:
         self._commit("backfill original keys", body)
         return done[0]
 
+    def tombstones_since(self, lsn: int, batch: int = 4096
+                         ) -> Iterator[list[tuple[int, int, bytes]]]:
+        """(lsn, row, LMDB key) of every deletion whose record ends after ``lsn``,
+        oldest first, ``batch`` at a time in short read transactions."""
+        after = row_key(lsn + 1)
+        first = True
+        while True:
+            def page(txn: Any, e: _SharedEnv) -> list[tuple[bytes, bytes]]:
+                if e.tombstones is None:
+                    return []
+                cur = txn.cursor(db=e.tombstones)
+                ok = cur.set_range(after)
+                out: list[tuple[bytes, bytes]] = []
+                while ok and len(out) < batch:
+                    k, v = cur.item()
+                    if first or k != after:
+                        out.append((bytes(k), bytes(v)))
+                    ok = cur.next()
+                return out
+
+            got = self._read("read tombstones", page)
+            if not got:
+                return
+            yield [(int.from_bytes(k[:8], "big"), int.from_bytes(k[8:], "big"), v)
+                   for k, v in got]
+            after, first = got[-1][0], False
+
+    def prune_tombstones(self, before: int) -> int:
+        """Forget deletions logged before ``before`` (what every consumer has exported);
+        returns how many. One transaction."""
+        e = self._e
+        done = [0]
+
+        def body() -> None:
+            with e.env.begin(write=True, db=e.tombstones) as txn:
+                cur = txn.cursor()
+                n = 0
+                ok = cur.first()
+                while ok and int.from_bytes(cur.key()[:8], "big") < before:
+                    ok = cur.delete()
+                    n += 1
+                done[0] = n
+
+        self._commit("prune tombstones", body)
+        return done[0]
+
     def set_applied_lsn(self, lsn: int) -> None:
         def body() -> None:
             with self._e.env.begin(write=True, db=self._e.meta) as txn:
@@ -392,6 +444,8 @@ class KeyRecord:
                     got.append(None if v is None else int.from_bytes(v, "little"))
                     if v is not None:
                         txn.put(row_key(got[-1]), b"", db=e.free)
+                        if lsn:
+                            txn.put(row_key(lsn) + row_key(got[-1]), key, db=e.tombstones)
                         if self.key_type == "bytes":
                             txn.delete(row_key(got[-1]), db=e.row2key)
                 txn.put(b"version", str(FORMAT_VERSION).encode(), db=e.meta)
