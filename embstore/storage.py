@@ -73,6 +73,7 @@ class TableMeta:
     step: int = 0                      # optimizer steps applied (Adam's bias correction)
     optimizer: dict[str, Any] | None = None  # config of the optimizer that owns the slots
     fill: float = 0.0                  # slot tables: what a zero-filled row reads as
+    admit_after: int = 0               # keyed tables: a key gets a row on its n-th sighting
 
     @property
     def stride(self) -> int:

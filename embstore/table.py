@@ -67,6 +67,8 @@ class RowWriter(Protocol):
 
     def track_keys(self, table: "Table") -> None: ...
 
+    def set_admission(self, table: "Table", after: int) -> None: ...
+
     def evict(self, table: "Table", **policy: Any) -> Any: ...
 
 
@@ -356,6 +358,18 @@ class Table:
         for column in out.values():
             column[rows < 0] = -1
         return {**out, "row": rows}
+
+    @property
+    def admit_after(self) -> int:
+        """Keyed tables: sightings an unknown key needs before it gets a row (0: none)."""
+        return self._meta.admit_after
+
+    def set_admission(self, after: int) -> None:
+        """Keyed tables: from now on an unknown key gets a row only on its ``after``-th
+        sighting (a call that writes it); earlier writes of it are dropped and reads
+        follow ``missing``. Recorded in the manifest; the counts (a count-min sketch,
+        docs/KEYS.md) live in memory. ``after`` 0 or 1: every key is admitted."""
+        self._write().set_admission(self, after)
 
     def track_keys(self) -> None:
         """Keyed tables: keep per-key metadata from now on (idempotent), in the same

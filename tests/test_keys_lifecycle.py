@@ -728,3 +728,44 @@ def test_replayed_deletions_leave_one_tombstone_each(tmp_path):
         assert len(keys) == 4 and {1, 2} <= set(keys)  # evicted: two of 0, 3, 4, 5 (ties)
         assert set(keys).isdisjoint(store["t"].keys())
         assert len({r for _, r, _ in rows}) == 4
+
+
+# --- admission ----------------------------------------------------------------------------
+
+
+def test_admission_gives_a_key_a_row_on_its_nth_sighting(tmp_path):
+    path = tmp_path / "s"
+    with keyed_store(path, missing="zeros") as store:
+        t = store["t"]
+        t.set_admission(3)
+        g = np.ones((2, DIM), np.float32)
+        t.apply_gradients([1, 2], g, "sgd")
+        t.apply_gradients([1, 1], g, "sgd")  # one call: one sighting
+        assert t.num_keys == 0
+        np.testing.assert_array_equal(t.gather([1]), np.zeros((1, DIM)))  # missing policy
+        t.update([1], np.full((1, DIM), 5.0))  # third sighting of 1: admitted
+        np.testing.assert_array_equal(t.rows_of([1, 2]), [0, -1])
+        np.testing.assert_array_equal(t.gather([1]), np.full((1, DIM), 5.0))
+        t.insert([2])
+        t.insert([2])  # 2: third sighting
+        assert sorted(t.keys()) == [1, 2] and t.admit_after == 3
+    with embstore.open(path, "r+") as store:  # the setting persists, the counts do not
+        t = store["t"]
+        assert t.admit_after == 3
+        t.insert([7])
+        assert t.num_keys == 2
+        with pytest.raises(InvalidArgumentError, match="after must be"):
+            t.set_admission(-1)
+        t.set_admission(0)
+        t.insert([7])
+        assert t.num_keys == 3
+
+
+def test_count_min_sketch_never_undercounts_a_batch_with_shared_slots():
+    from embstore.keys.sketch import CountMinSketch
+    s = CountMinSketch(width=2)  # every key shares slots with others
+    keys = np.arange(50, dtype=np.int64)
+    s.add(keys)
+    assert (s.estimate(keys) >= 1).all()
+    s.add(keys[:10])
+    assert (s.estimate(keys[:10]) >= 2).all()

@@ -18,7 +18,7 @@ from embstore.errors import InvalidArgumentError
 from embstore.log.payload import Entry
 from embstore.optim import SparseOptimizer, get_optimizer, sum_duplicates
 from embstore.table import Table
-from embstore.writer import key_metadata
+from embstore.writer import admission, key_metadata
 from embstore.writer.core import Writer
 from embstore.writer.tables import create_slot_table
 from embstore.writer.updates import entries_of, finite_rows, flat_updates, resolve_rows
@@ -84,6 +84,7 @@ def apply_gradients(writer: Writer, table: Table, ids: Any, grads: Any, optimize
     # time per store, or concurrent steps lose updates and reuse rows for new keys.
     with writer.lock:
         step = table._meta.step + 1
+        flat_ids, g = admission.admitted(table, flat_ids, g)
         if len(g) == 0:
             return writer.log.end_lsn
         # Validate ids and the learning rate before slot_tables() records the optimizer and

@@ -15,7 +15,8 @@ import numpy as np
 from embstore.errors import InvalidArgumentError
 from embstore.progress import ProgressArg
 from embstore.table import Table
-from embstore.writer import bulk, deletes, eviction, key_metadata, optimizer_steps, updates
+from embstore.writer import (admission, bulk, deletes, eviction, key_metadata,
+                             optimizer_steps, updates)
 from embstore.writer.core import Writer
 
 
@@ -51,6 +52,9 @@ class TableWrites:
         if table._index is None:
             raise InvalidArgumentError(f"table {table.name!r} is not keyed: no keys to track")
         key_metadata.enable(self.writer, table)
+
+    def set_admission(self, table: Table, after: int) -> None:
+        admission.set_admission(self.writer, table, after)
 
     def evict(self, table: Table, **policy: Any) -> eviction.Evicted:
         return eviction.evict(self.writer, table, **policy)

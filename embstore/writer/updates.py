@@ -22,7 +22,7 @@ from embstore.errors import (
 from embstore.keys.assign import reserved_key_error
 from embstore.log.payload import Entry
 from embstore.table import Table
-from embstore.writer import key_metadata
+from embstore.writer import admission, key_metadata
 from embstore.writer.core import Writer
 
 NAN_POLICIES = ("raise", "skip_rows")
@@ -148,6 +148,9 @@ def update(writer: Writer, table: Table, ids: Any, values: Any, nan: str = "rais
     # writer's lock, or two threads give the same row to different keys (and the log
     # then holds both records, so no reopen could replay it).
     with writer.lock:
+        flat_ids, vals = admission.admitted(table, flat_ids, vals)
+        if len(vals) == 0:
+            return writer.log.end_lsn
         rows, new, key_info = resolve_rows(table, flat_ids)
         # last occurrence wins, as with numpy fancy assignment
         rev_rows = rows[::-1]
