@@ -34,6 +34,7 @@ from embstore.interop.parquet import write_parquet
 from embstore.interop.tfrecord import write_tfrecord
 from embstore.keys import KeyIndex, init_rows
 from embstore.keys.keyfile import TOMBSTONE
+from embstore.keys.metadata import COLUMNS as METADATA_COLUMNS
 from embstore.keys.metadata import META_SUFFIX, WIDTH, decode
 from embstore.progress import ProgressArg
 from embstore.storage import SHARD_NAME, LiveFile, ShardSet, TableMeta
@@ -460,6 +461,11 @@ class Table:
         """(ids, rows) chunks in row order: row numbers, or keys for a keyed table (free
         rows, which deleted keys left, are skipped). A bytes table's keys come as the
         original bytes (object array)."""
+        for ids, rows, _ in self._iter_export():
+            yield ids, rows
+
+    def _iter_export(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, rows, row numbers) chunks: ``iter_ids_and_rows`` with the rows' numbers."""
         first = 0
         for rows in self.iter_rows():
             ids = np.arange(first, first + len(rows), dtype=np.int64)
@@ -471,7 +477,20 @@ class Table:
                     ids, rows, row_ids = ids[live], rows[live], row_ids[live]
                 if self._meta.key_type == "bytes":
                     ids = self._index.original_keys_of(row_ids)
-            yield ids, rows
+            else:
+                row_ids = ids
+            yield ids, rows, row_ids
+
+    def _iter_export_metadata(self) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+        """(ids, rows, {metadata column: values}) chunks of a table tracking its keys."""
+        meta = self._companion(META_SUFFIX)
+        assert meta is not None
+        for ids, rows, row_ids in self._iter_export():
+            stored = np.zeros((len(row_ids), WIDTH), np.float32)
+            seen = row_ids < meta.num_rows
+            if seen.any():
+                stored[seen] = meta.gather_rows(row_ids[seen])
+            yield ids, rows, decode(stored)
 
     @property
     def _export_rows(self) -> int:
@@ -490,12 +509,17 @@ class Table:
     def export_parquet(self, path: str | Path, *, progress: ProgressArg = False,
                        id_column: str = "id", vector_column: str = "embedding") -> None:
         """Write (id, embedding) rows to a Parquet file (needs pyarrow): ids are row
-        numbers, or keys for a keyed table."""
+        numbers, or keys for a keyed table (a bytes table's original keys, as binary).
+        A table that tracks its keys adds int64 columns ``updates``, ``last_step`` and
+        ``insert_step``; importers read only the id and embedding columns."""
         self._check_open()
-        write_parquet(Path(path), self.iter_ids_and_rows(), self._export_rows,
+        tracked = self._index is not None and self.tracks_keys
+        write_parquet(Path(path), self._iter_export_metadata() if tracked else
+                      self.iter_ids_and_rows(), self._export_rows,
                       self._meta.dim, progress, f"export {self.name}", id_column,
                       vector_column, fs=self._shards.fs,
-                      binary_ids=self._meta.key_type == "bytes")
+                      binary_ids=self._meta.key_type == "bytes",
+                      extra_columns=METADATA_COLUMNS if tracked else ())
 
     def export_tfrecord(self, path: str | Path, *, progress: ProgressArg = False,
                         id_feature: str = "id", vector_feature: str = "embedding") -> None:

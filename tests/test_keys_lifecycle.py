@@ -769,3 +769,20 @@ def test_count_min_sketch_never_undercounts_a_batch_with_shared_slots():
     assert (s.estimate(keys) >= 1).all()
     s.add(keys[:10])
     assert (s.estimate(keys[:10]) >= 2).all()
+
+
+def test_parquet_export_of_a_tracked_table_carries_the_metadata(tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    with trained(tmp_path / "s") as store:
+        t = store["t"]
+        t.delete([0])
+        t.export_parquet(tmp_path / "out.parquet")
+        got = pq.read_table(tmp_path / "out.parquet").to_pydict()
+        assert got["id"] == list(range(1, 14))
+        md = t.key_metadata(np.arange(1, 14))
+        for column in ("updates", "last_step", "insert_step"):
+            assert got[column] == md[column].tolist()
+        copy = store.create_table("copy", DIM, key_type="int64")
+        copy.import_parquet(tmp_path / "out.parquet")  # extra columns are ignored
+        np.testing.assert_array_equal(copy.gather(np.arange(1, 14)), t.gather(np.arange(1, 14)))
