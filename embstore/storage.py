@@ -88,7 +88,10 @@ class TableMeta:
                            self.chunk_rows)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        if not body["admit_after"]:  # optional field: absent unless set (same bytes as before)
+            del body["admit_after"]
+        return body
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> "TableMeta":
