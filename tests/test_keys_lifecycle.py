@@ -299,10 +299,16 @@ s = embstore.open(path, "r+")
 t = s["t"]
 rng = np.random.default_rng(int(sys.argv[2]))
 next_key = int(sys.argv[3])
-while True:
-    live = np.array(sorted(t.keys()), np.int64)
-    doomed = rng.choice(live, size=min(len(live), 40), replace=False)
-    t.delete(doomed)
+t.track_keys()
+for i in range(10**9):
+    if i % 2:  # evict 40 by LRU: which ones, the tombstones since the mark tell
+        mark = s._writer.log.end_lsn
+        t.evict(max_keys=max(0, t.num_keys - 40), force=True)
+        doomed = np.array([k for _, _, k in t.deleted_since(mark)], np.int64)
+    else:
+        live = np.array(sorted(t.keys()), np.int64)
+        doomed = rng.choice(live, size=min(len(live), 40), replace=False)
+        t.delete(doomed)
     print("D", " ".join(map(str, doomed.tolist())), flush=True)
     new = np.arange(next_key, next_key + 40)
     t.insert(new, np.repeat(new[:, None].astype(np.float32), 4, axis=1))
@@ -313,8 +319,8 @@ while True:
 
 @pytest.mark.slow
 def test_kill9_during_eviction_loses_nothing_and_never_double_uses_a_row(tmp_path):
-    """A writer deletes and inserts in a loop and is killed with SIGKILL at random
-    moments. After each reopen: every acknowledged delete and insert is present (the op
+    """A writer deletes or evicts (LRU), then inserts, in a loop and is killed with
+    SIGKILL at random moments. After each reopen: every acknowledged delete and insert is present (the op
     in flight may or may not be), every live key's row holds its own value (no row is
     shared by two keys), the free list and the live keys partition the rows, and
     check() is clean. Run: pytest -m slow tests/test_keys_lifecycle.py."""
