@@ -74,6 +74,7 @@ class TableMeta:
     optimizer: dict[str, Any] | None = None  # config of the optimizer that owns the slots
     fill: float = 0.0                  # slot tables: what a zero-filled row reads as
     admit_after: int = 0               # keyed tables: a key gets a row on its n-th sighting
+    eviction: dict[str, Any] | None = None  # keyed tables: evict at checkpoint by this policy
 
     @property
     def stride(self) -> int:
@@ -89,8 +90,9 @@ class TableMeta:
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
-        if not body["admit_after"]:  # optional field: absent unless set (same bytes as before)
-            del body["admit_after"]
+        for optional in ("admit_after", "eviction"):  # absent unless set: same bytes as before
+            if not body[optional]:
+                del body[optional]
         return body
 
     @classmethod

@@ -70,6 +70,9 @@ class RowWriter(Protocol):
 
     def set_admission(self, table: "Table", after: int) -> None: ...
 
+    def schedule_eviction(self, table: "Table", ttl: int | None, max_keys: int | None,
+                          policy: str) -> None: ...
+
     def evict(self, table: "Table", **policy: Any) -> Any: ...
 
 
@@ -371,6 +374,13 @@ class Table:
         follow ``missing``. Recorded in the manifest; the counts (a count-min sketch,
         docs/KEYS.md) live in memory. ``after`` 0 or 1: every key is admitted."""
         self._write().set_admission(self, after)
+
+    def evict_at_checkpoint(self, *, ttl: int | None = None, max_keys: int | None = None,
+                            policy: str = "lru") -> None:
+        """Keyed tables tracking their keys: run ``evict(ttl=, max_keys=, policy=)`` at
+        the start of every checkpoint (recorded in the manifest; no arguments: stop). A
+        run that would evict every key is skipped with a warning, never forced."""
+        self._write().schedule_eviction(self, ttl, max_keys, policy)
 
     def track_keys(self) -> None:
         """Keyed tables: keep per-key metadata from now on (idempotent), in the same

@@ -792,3 +792,24 @@ def test_parquet_export_of_a_tracked_table_carries_the_metadata(tmp_path):
         copy = store.create_table("copy", DIM, key_type="int64")
         copy.import_parquet(tmp_path / "out.parquet")  # extra columns are ignored
         np.testing.assert_array_equal(copy.gather(np.arange(1, 14)), t.gather(np.arange(1, 14)))
+
+
+def test_eviction_at_checkpoint_runs_the_recorded_policy_and_never_forces(tmp_path, caplog):
+    path = tmp_path / "s"
+    with trained(path) as store:
+        t = store["t"]
+        t.evict_at_checkpoint(max_keys=10, policy="lfu")
+        store.checkpoint()  # LFU: keys 0, 1 and 12, 13 have the fewest updates
+        assert sorted(t.keys()) == list(range(2, 12))
+        t.evict_at_checkpoint(ttl=0)  # at step 10 only the keys written at step 10 stay
+    with embstore.open(path, "r+") as store:  # the policy persists; close checkpointed
+        t = store["t"]
+        assert sorted(t.keys()) == [9, 10, 11]
+        t.evict_at_checkpoint(max_keys=0)  # would empty the table: skipped, warned
+        with caplog.at_level("WARNING", logger="embstore.eviction"):
+            store.checkpoint()
+        assert t.num_keys == 3 and "skipped" in caplog.text
+        t.evict_at_checkpoint()  # stop
+        assert t._meta.eviction is None
+        with pytest.raises(InvalidArgumentError, match="max_keys must be"):
+            t.evict_at_checkpoint(max_keys=-1)

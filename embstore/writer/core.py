@@ -24,7 +24,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from embstore.catalog import TABLES_DIR, Catalog
 from embstore.errors import DurabilityError, EmbstoreError
@@ -59,6 +59,9 @@ class Writer:
         self.failed: BaseException | None = None
         self.dirty = DirtyShards()
         self.recovered_records = 0
+        # run at the start of every checkpoint (scheduled eviction), never re-entered
+        self.before_checkpoint: list[Callable[[], None]] = []
+        self._in_hooks = False
         self._interrupted = False  # a KeyboardInterrupt was raised inside a commit
         self._scratch = bytearray(SCRATCH_BYTES)
         for directory in (root / WAL_DIR, root / TABLES_DIR):
@@ -190,6 +193,13 @@ class Writer:
         with self.lock:
             if self.failed is not None:
                 raise DurabilityError(None, f"cannot checkpoint after a failed write ({self.failed})")
+            if not self._in_hooks:  # a hook's own commits may checkpoint: no recursion
+                self._in_hooks = True
+                try:
+                    for hook in self.before_checkpoint:
+                        hook()
+                finally:
+                    self._in_hooks = False
             self.log.sync()
             lsn = self.log.end_lsn
             try:

@@ -9,16 +9,20 @@ each other. The deletions are committed ``BATCH`` keys per log record.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
+from embstore.catalog import is_slot_table
 from embstore.errors import InvalidArgumentError
 from embstore.keys.keyfile import TOMBSTONE
 from embstore.table import Table
 from embstore.writer import key_metadata
 from embstore.writer.core import Writer
 from embstore.writer.deletes import delete_rows
+
+log = logging.getLogger("embstore.eviction")
 
 POLICIES = ("lru", "lfu")
 CHUNK_ROWS = 1 << 18  # rows scanned at a time: 2 MiB of keys, 4 MiB of metadata
@@ -78,12 +82,7 @@ def evict(writer: Writer, table: Table, *, ttl: int | None = None,
     unless ``force``."""
     if table._index is None:
         raise InvalidArgumentError(f"table {table.name!r} is not keyed: nothing to evict")
-    if policy not in POLICIES:
-        raise InvalidArgumentError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if ttl is None and max_keys is None:
-        raise InvalidArgumentError("give ttl= (steps), max_keys=, or both")
-    if (ttl is not None and ttl < 0) or (max_keys is not None and max_keys < 0):
-        raise InvalidArgumentError(f"ttl and max_keys must be >= 0, got {ttl}, {max_keys}")
+    _check_policy(ttl, max_keys, policy)
     meta = key_metadata.tracked(writer, table)
     if meta is None:
         raise InvalidArgumentError(f"table {table.name!r} does not track its keys: call "
@@ -101,3 +100,48 @@ def evict(writer: Writer, table: Table, *, ttl: int | None = None,
         for i in range(0, len(victims), BATCH):
             lsn = delete_rows(writer, table, np.sort(victims[i:i + BATCH]))
         return Evicted(len(victims), len(rows) - len(victims), lsn)
+
+
+def _check_policy(ttl: int | None, max_keys: int | None, policy: str) -> None:
+    if policy not in POLICIES:
+        raise InvalidArgumentError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if ttl is None and max_keys is None:
+        raise InvalidArgumentError("give ttl= (steps), max_keys=, or both")
+    for what, v in (("ttl", ttl), ("max_keys", max_keys)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise InvalidArgumentError(f"{what} must be an int >= 0, got {v!r}")
+
+
+def schedule(writer: Writer, table: Table, ttl: int | None, max_keys: int | None,
+             policy: str) -> None:
+    """Record an eviction policy run at every checkpoint (all None: stop)."""
+    if table._index is None:
+        raise InvalidArgumentError(f"table {table.name!r} is not keyed: nothing to evict")
+    body = None
+    if ttl is not None or max_keys is not None:
+        _check_policy(ttl, max_keys, policy)
+        if key_metadata.tracked(writer, table) is None:
+            raise InvalidArgumentError(f"table {table.name!r} does not track its keys: call "
+                                       "track_keys() first (eviction ranks keys by it)")
+        body = {"ttl": ttl, "max_keys": max_keys, "policy": policy}
+    with writer.lock, writer.durable(f"recording eviction of table {table.name!r}"), \
+            writer.manifest.lock:
+        table._meta.eviction = body
+        writer.manifest.commit()
+
+
+def scheduled(writer: Writer) -> None:
+    """Run every table's recorded policy (a checkpoint hook). A policy that would evict
+    every key is skipped with a warning, never forced."""
+    for name in writer.manifest.table_names:
+        if is_slot_table(name):
+            continue
+        table = writer.catalog.get(name)
+        policy = table._meta.eviction
+        if not policy or key_metadata.tracked(writer, table) is None:
+            continue
+        try:
+            evict(writer, table, ttl=policy["ttl"], max_keys=policy["max_keys"],
+                  policy=policy["policy"])
+        except InvalidArgumentError as exc:
+            log.warning("scheduled eviction of table %r skipped: %s", name, exc)

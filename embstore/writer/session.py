@@ -23,6 +23,7 @@ from embstore.writer.core import Writer
 class TableWrites:
     def __init__(self, writer: Writer) -> None:
         self.writer = writer
+        writer.before_checkpoint.append(lambda: eviction.scheduled(writer))
 
     def update(self, table: Table, ids: Any, rows: Any, nan: str) -> int:
         return updates.update(self.writer, table, ids, rows, nan)
@@ -55,6 +56,10 @@ class TableWrites:
 
     def set_admission(self, table: Table, after: int) -> None:
         admission.set_admission(self.writer, table, after)
+
+    def schedule_eviction(self, table: Table, ttl: int | None, max_keys: int | None,
+                          policy: str) -> None:
+        eviction.schedule(self.writer, table, ttl, max_keys, policy)
 
     def evict(self, table: Table, **policy: Any) -> eviction.Evicted:
         return eviction.evict(self.writer, table, **policy)
