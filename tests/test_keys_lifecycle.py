@@ -813,3 +813,17 @@ def test_eviction_at_checkpoint_runs_the_recorded_policy_and_never_forces(tmp_pa
         assert t._meta.eviction is None
         with pytest.raises(InvalidArgumentError, match="max_keys must be"):
             t.evict_at_checkpoint(max_keys=-1)
+
+
+def test_a_large_deletion_rewrites_the_keys_file_whole_and_stays_consistent(tmp_path):
+    """Over 64 rows (and count/64) freed at once take the one-write path of keys.bin."""
+    path = tmp_path / "s"
+    with keyed_store(path) as store:
+        t = store["t"]
+        t.insert(np.arange(1000))
+        t.delete(np.arange(0, 1000, 3))
+        assert t.num_keys == 666 and store.check() == []
+        t.insert(np.arange(5000, 5334))
+        assert t.num_rows == 1000 and store.check() == []
+    with embstore.open(path) as ro:
+        np.testing.assert_array_equal(ro["t"].rows_of([0, 1, 5000]), [-1, 1, 0])

@@ -471,8 +471,16 @@ class KeyIndex(IndexInspection):
         data = appended.astype("<i8", copy=False).tobytes()
         gen = self._generation + (1 if rows.size else 0)
         try:
-            for row, key in zip(rows.tolist(), keys.tolist()):
-                self._fs.pwrite_all(self._fd, struct.pack("<q", key), HEADER_SIZE + 8 * row)
+            if rows.size > max(64, count // 64):
+                # many rows: one write of the whole key array beats a pwrite a row (the
+                # CRC below reads it all anyway)
+                whole = np.array(self._hash.keys_view(count))
+                whole[rows] = keys
+                self._fs.pwrite_all(self._fd, whole.astype("<i8", copy=False).tobytes(),
+                                    HEADER_SIZE)
+            else:
+                for row, key in zip(rows.tolist(), keys.tolist()):
+                    self._fs.pwrite_all(self._fd, struct.pack("<q", key), HEADER_SIZE + 8 * row)
             if m:
                 self._fs.pwrite_all(self._fd, data, HEADER_SIZE + 8 * count)
             # the hash was caught up by the caller: _hashed_crc covers rows [0, count)

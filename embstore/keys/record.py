@@ -439,15 +439,19 @@ class KeyRecord:
             got.clear()
             e = self._e
             with e.env.begin(write=True) as txn:
+                free, stones = [], []
                 for key in raw:
                     v = txn.pop(key, db=e.rows) if key and len(key) <= MAX_BYTES_KEY else None
                     got.append(None if v is None else int.from_bytes(v, "little"))
                     if v is not None:
-                        txn.put(row_key(got[-1]), b"", db=e.free)
+                        row = row_key(got[-1])
+                        free.append((row, b""))
                         if lsn:
-                            txn.put(row_key(lsn) + row_key(got[-1]), key, db=e.tombstones)
+                            stones.append((row_key(lsn) + row, key))
                         if self.key_type == "bytes":
-                            txn.delete(row_key(got[-1]), db=e.row2key)
+                            txn.delete(row, db=e.row2key)
+                txn.cursor(db=e.free).putmulti(free)
+                txn.cursor(db=e.tombstones).putmulti(stones)
                 txn.put(b"version", str(FORMAT_VERSION).encode(), db=e.meta)
                 if lsn:
                     txn.put(LSN_KEY, str(lsn).encode(), db=e.meta)
