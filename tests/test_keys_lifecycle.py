@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import embstore
-from conftest import run_in_child
+from conftest import crash_after_ops, run_in_child
 from embstore.errors import (
     DTypeError,
     InvalidArgumentError,
@@ -454,15 +454,7 @@ class KeyLifecycleMachine(RuleBasedStateMachine):
     @rule(todo=st.lists(ops, max_size=4), checkpoint_at=st.integers(-1, 4))
     def crash(self, todo: list, checkpoint_at: int) -> None:
         self.store.close()
-        path = self.path
-
-        def child() -> None:
-            store = embstore.open(path, "r+")
-            for i, op in enumerate(todo):
-                if i == checkpoint_at:
-                    store.checkpoint()
-                do(store, op)
-        run_in_child(child)
+        crash_after_ops(self.path, todo, checkpoint_at, do)
         for op in todo:
             self.model.apply(op)
             self.high = max(self.high, len(self.model.live))

@@ -36,7 +36,7 @@ from embstore.writer.optimizer_steps import read_slot
 
 from embstore.faultyfs import FaultyFileSystem
 
-from conftest import lazy_adam_reference, run_in_child
+from conftest import crash_after_ops, lazy_adam_reference, run_in_child
 
 N_ROWS, DIM, BATCH, STEPS = 1000, 16, 256, 50
 
@@ -787,15 +787,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(todo=st.lists(ops, min_size=0, max_size=4), checkpoint_at=st.integers(-1, 4))
     def crash(self, todo: list, checkpoint_at: int) -> None:
         self.store.close()
-        path = self.path
-
-        def child() -> None:
-            store = embstore.open(path, "r+")
-            for i, op in enumerate(todo):
-                if i == checkpoint_at:
-                    store.checkpoint()
-                do_op(store, op)
-        run_in_child(child)
+        crash_after_ops(self.path, todo, checkpoint_at, do_op)
         for op in todo:  # every op returned in the child: all acknowledged
             self.model.apply(op)
         self.store = embstore.open(self.path, "r+")
