@@ -292,8 +292,9 @@ class KeyIndex(IndexInspection, IndexLifecycle):
         n = len(rows)
         ok = not bad and (n == 0 or (rows.min() == 0 and rows.max() == n - 1 and len(np.unique(rows)) == n))
         if not ok:
-            raise FormatError("key2row is not one-to-one onto rows 0..n-1; cannot rebuild "
-                              "the keys file (run check() for details)", self._lmdb_path)
+            raise FormatError("key2row and the free list are not one-to-one onto rows "
+                              "0..n-1; cannot rebuild the keys file (run check() for details)",
+                              self._lmdb_path)
         out = np.empty(n, np.int64)
         out[rows] = keys
         return out

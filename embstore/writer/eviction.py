@@ -2,9 +2,9 @@
 cap on the number of keys. Reads the key metadata (``key_metadata``) and deletes the
 chosen keys like ``Table.delete`` (logged, rows to the free list, slots reset).
 
-Memory: one pass over the table's rows in chunks gathers each live key's row and score,
-8 bytes a live key (uint32 row, int32 score) -- the candidates must be ranked against
-each other. The deletions are committed ``BATCH`` keys per log record.
+Memory: one pass over the table's rows in chunks gathers each live key's row, last step
+and rank, 16 bytes a live key (uint32, int32, int64) -- the candidates must be ranked
+against each other. The deletions are committed ``BATCH`` keys per log record.
 """
 
 from __future__ import annotations
