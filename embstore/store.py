@@ -377,11 +377,13 @@ class Store:
             "tables": tables,
         }
 
-    def check(self) -> list[Fault]:
-        """Verify every file the manifest names (headers, sizes, checksums, key indexes)
-        and the write-ahead log. Returns the damage found (empty when the store is clean);
-        never modifies it. ``embstore.check.check_store`` also returns warnings."""
-        return [f for f in check_store(self.path) if f.fatal]
+    def check(self, deep: bool = False) -> list[Fault]:
+        """Verify every file the manifest names (headers, sizes, checksums, key indexes,
+        row digest files) and the write-ahead log; ``deep=True`` also reads every row and
+        compares it with the digest recorded at the last checkpoint. Returns the damage
+        found (empty when the store is clean); never modifies it.
+        ``embstore.check.check_store`` also returns warnings."""
+        return [f for f in check_store(self.path, deep=deep) if f.fatal]
 
     # --- lifecycle --------------------------------------------------------------------
 

@@ -60,6 +60,9 @@ def append_chunks(writer: Writer, table: Table, chunks: Iterable[np.ndarray], to
             shards.remove_files(created)
             raise
         shards.ensure_capacity(start + total)  # count and map the new shards
+        # the new rows' digests durable before the manifest commit that publishes them
+        if total:
+            writer.dirty.rehash_now(table, start, total)
         publish_rows(writer, table, start + total)
 
 
