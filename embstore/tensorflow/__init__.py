@@ -29,10 +29,12 @@ from embstore.tensorflow.ops import (
     table_ref,
 )
 from embstore.tensorflow.saving import load, saved_references
+from embstore.tensorflow.callbacks import SnapshotCallback
 from embstore.tensorflow import _training  # noqa: F401  registers the training ops' callbacks
 
 __all__ = [
     "ENV_STORE_PATH",
+    "SnapshotCallback",
     "StoreEmbedding",
     "TableRef",
     "apply_gradients",
