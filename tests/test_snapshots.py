@@ -120,9 +120,11 @@ def test_snapshot_while_a_writer_trains_equals_an_oracle_replayed_to_its_lsn(
             want = store_state(oracle)
         assert restored_state(repo, info.name, tmp_path / f"r-{info.name}") == want, info
         assert info.stats["lock_max_ms"] < 250  # the longest training stall it caused
-    assert [i.kind for i in infos[:2]] == ["full", "incremental"]  # then maybe rebased
     if final_rows == 1:
+        # many re-copied windows make big deltas: the next may rebase (a full snapshot)
         assert max(i.stats["passes"] for i in infos) > 2
+    else:
+        assert [i.kind for i in infos[:2]] == ["full", "incremental"]
 
 
 def test_tables_created_during_a_snapshot_are_read_whole(tmp_path, monkeypatch):
