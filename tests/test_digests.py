@@ -66,7 +66,7 @@ def test_hash_blocks_and_shuffle_round_trip():
 
 
 def test_default_block_size_is_a_power_of_two_within_a_shard():
-    assert dg.default_rows_per_block(256, 1 << 20) == 1024  # 256 KiB of 64 float32
+    assert dg.default_rows_per_block(256, 1 << 20) == 4096  # 1 MiB of 64 float32
     assert dg.default_rows_per_block(12, 2) == 2            # capped by the shard
     assert dg.default_rows_per_block(1 << 20, 1 << 10) == 1  # a row larger than a block
 
@@ -95,14 +95,14 @@ def test_new_tables_and_appends_record_digests_of_what_is_stored(tmp_path):
 def test_checkpoint_rehashes_the_blocks_written_since_the_last(tmp_path):
     fs = FaultyFileSystem()
     with create_store(tmp_path / "s", fs=fs) as store:
-        t = store.create_table("t", 64, data=random_rows(8192, 64), rows_per_shard=4096)
+        t = store.create_table("t", 16, data=random_rows(98304, 16), rows_per_shard=32768)
         before = _table_digests(store).entries.copy()
-        t.update([5, 6000], random_rows(2, 64, seed=3))
+        t.update([5, 6000 * 4], random_rows(2, 16, seed=3))
         fs.ops.clear()
         store.checkpoint()
         after = _table_digests(store)
         changed = np.flatnonzero((before != after.entries).any(axis=1)).tolist()
-        assert changed == [0, 5]  # 1024 rows of 256 B per block
+        assert changed == [0, 1] and len(before) == 6  # 16384 rows of 64 B per block
         assert after.lsn == store.checkpoint_lsn
         # the digest file is durable before the manifest moves (its log records go then)
         renames = [p for op, p in fs.ops if op == "rename"]

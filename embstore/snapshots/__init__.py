@@ -146,7 +146,7 @@ Limitations
 -----------
 * XXH3 and CRC-32 detect accidents, not tampering.
 * A chunk is at most 64 MiB raw; a manifest names at most 2**24 chunks (4 TiB of rows
-  at 256 KiB blocks) and its body is at most 16 MiB.
+  at 1 MiB blocks) and its body is at most 16 MiB.
 * Chunks and manifests are plain files: a repository on an object store needs the
   small backend described in docs/SNAPSHOTS.md.
 """

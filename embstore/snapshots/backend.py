@@ -103,23 +103,8 @@ class DirectoryBackend:
         fdatasync, rename. The name exists only once the bytes are durable, which is why
         a later snapshot may reuse an existing chunk unread. ``sync_chunks`` makes the
         names durable. Returns the bytes written."""
-        final = self.chunk_path(address)
         tmp = self.chunks / f"{address}.{secrets.token_hex(4)}{PART}"
-        fd = self.fs.create(tmp)
-        try:
-            try:
-                off = 0
-                for part in parts:
-                    self.fs.pwrite_all(fd, part, off)
-                    off += len(part)
-                self.fs.fdatasync(fd)
-            finally:
-                self.fs.close(fd)
-            self.fs.rename(tmp, final)
-        except BaseException:
-            self.fs.unlink(tmp)
-            raise
-        return off
+        return self._write_renamed(tmp, self.chunk_path(address), parts, data_only=True)
 
     def sync_chunks(self) -> None:
         self.fs.fsync_dir(self.chunks)
@@ -199,15 +184,26 @@ class DirectoryBackend:
     def _atomic(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(path.name + PART)
         self.fs.unlink(tmp)
+        self._write_renamed(tmp, path, [data], data_only=False)
+        self.fs.fsync_dir(path.parent)
+
+    def _write_renamed(self, tmp: Path, final: Path, parts: list[bytes], data_only: bool
+                       ) -> int:
+        """Write ``parts`` to a new ``tmp`` (O_EXCL: no symlink followed), make them
+        durable, then rename to ``final``: the name appears only over complete bytes.
+        The temp file goes on any failure. Returns the bytes written."""
         fd = self.fs.create(tmp)
         try:
             try:
-                self.fs.pwrite_all(fd, data, 0)
-                self.fs.fsync(fd)
+                off = 0
+                for part in parts:
+                    self.fs.pwrite_all(fd, part, off)
+                    off += len(part)
+                (self.fs.fdatasync if data_only else self.fs.fsync)(fd)
             finally:
                 self.fs.close(fd)
-            self.fs.rename(tmp, path)
+            self.fs.rename(tmp, final)
         except BaseException:
             self.fs.unlink(tmp)
             raise
-        self.fs.fsync_dir(path.parent)
+        return off

@@ -74,6 +74,14 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _scratch(n: int) -> memoryview:
+    """This thread's reused buffer of at least ``n`` bytes (a view of n)."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or len(buf) < n:
+        buf = _local.scratch = bytearray(n)
+    return memoryview(buf)[:n]
+
+
 def address_of(raw: object) -> bytes:
     """The chunk address of raw bytes: their XXH3-128."""
     return _blocks.xxh3_128(raw)
@@ -87,22 +95,22 @@ def encode(raw: memoryview | bytes | np.ndarray, address: bytes, codec: Codec
     n = len(view)
     if not 0 < n <= MAX_RAW:
         raise ValueError(f"chunk of {n} bytes: must be 1..{MAX_RAW}")
-    codec_id, filt, item, payload = CODEC_STORED, FILTER_NONE, 0, view
+    codec_id, filt, item, payload = CODEC_STORED, FILTER_NONE, 0, None
     if codec.level is not None:
         src = view
         if codec.shuffle > 1:
-            shuffled = bytearray(n)
-            _blocks.shuffle(view, shuffled, codec.shuffle)
-            src = memoryview(shuffled)
+            src = _scratch(n)  # reused: a fresh buffer per chunk costs its page faults
+            _blocks.shuffle(view, src, codec.shuffle)
         packed = _compressor(codec.level).compress(src)
         if len(packed) < n * STORE_RAW_ABOVE:
-            codec_id, payload = CODEC_ZSTD, memoryview(packed)
+            codec_id, payload = CODEC_ZSTD, packed
             if codec.shuffle > 1:
                 filt, item = FILTER_SHUFFLE, codec.shuffle
-    payload_bytes = bytes(payload)
-    head = HEADER.pack(MAGIC, MAJOR, MINOR, codec_id, filt, item, n, len(payload_bytes),
-                       address, _blocks.xxh3_64(payload_bytes), 0)
-    return head + struct.pack("<I", zlib.crc32(head)), payload_bytes
+    if payload is None:
+        payload = bytes(view)
+    head = HEADER.pack(MAGIC, MAJOR, MINOR, codec_id, filt, item, n, len(payload),
+                       address, _blocks.xxh3_64(payload), 0)
+    return head + struct.pack("<I", zlib.crc32(head)), payload
 
 
 def _fail(message: str, where: str, offset: int | None, address: str,
@@ -145,9 +153,10 @@ def parse_header(data: bytes, where: str, address: str, snapshot: str | None
     return codec, filt, item, raw_len, pay_len
 
 
-def decode(data: bytes, where: str, address: str, snapshot: str | None = None) -> bytes:
-    """The raw bytes of a chunk file, every check of the spec passed; ChunkError (naming
-    the chunk and the snapshot) otherwise."""
+def decode(data: bytes, where: str, address: str, snapshot: str | None = None
+           ) -> bytes | bytearray | memoryview:
+    """The raw bytes of a chunk file (bytes-like), every check of the spec passed;
+    ChunkError (naming the chunk and the snapshot) otherwise."""
     codec, filt, item, raw_len, _ = parse_header(data, where, address, snapshot)
     payload = memoryview(data)[HEADER_BYTES:]
     if codec == CODEC_ZSTD:
@@ -161,9 +170,9 @@ def decode(data: bytes, where: str, address: str, snapshot: str | None = None) -
         if filt == FILTER_SHUFFLE:
             plain = bytearray(raw_len)
             _blocks.unshuffle(raw, plain, item)
-            raw = bytes(plain)
+            raw = plain  # type: ignore[assignment]  # bytes-like, not copied again
     else:
-        raw = bytes(payload)
+        raw = payload  # type: ignore[assignment]  # a view of ``data``
     if address_of(raw).hex() != address:
         raise _fail("raw bytes do not hash to the chunk's address", where, HEADER_BYTES,
                     address, snapshot)

@@ -16,8 +16,9 @@ of a row wins), so each row ends with the value it had at that position:
 * a row last written during pass k: pass k + 1 read it after that write (or the last,
   locked, read did), and nothing wrote it after.
 
-Every read of a pass finishes before its window is swapped (the pool is drained), so
-no read can see a commit that no window recorded.
+Every read of a pass finishes before its window is swapped (window rows are read on
+this thread; whole-table reads on the pool are drained first), so no read can see a
+commit that no window recorded. Compressing and writing what was read may go on later.
 
 Incremental: a full snapshot stores every block the repository lacks (a block clean
 since the checkpoint whose digest names a chunk already there is not even read); an
@@ -56,7 +57,7 @@ from embstore.table import Table
 from embstore.writer import Writer
 from embstore.writer.changes import RowChanges
 
-FINAL_ROWS = 16384          # rows left in a window that the last pass reads under the lock
+FINAL_ROWS = 4096           # rows left in a window that the last pass reads under the lock
 MAX_PASSES = 12             # then the last pass reads what is left, whatever its size
 DELTA_CHUNK_BYTES = 1 << 20  # raw bytes of a delta chunk (ids and rows)
 KEYS_PER_CHUNK = 32768      # keys per keys chunk: 256 KiB of int64 keys
@@ -86,20 +87,23 @@ class Snapshotter:
         self.id = secrets.token_hex(16)
         self.copies: dict[str, TableCopy] = {}
         self.locked_s: list[float] = []  # how long each writer-lock hold lasted
+        self.locked_by: dict[str, float] = {}  # the longest hold of each kind
         self.passes = 0
         self.copying = False  # this snapshot counts in writer.changes.copying
 
     # --- the writer lock, held briefly ----------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, what: str = "other") -> Iterator[None]:
         """Hold the writer lock (training steps wait meanwhile), timing each hold."""
         with self.writer.lock:
             t0 = time.perf_counter()
             try:
                 yield
             finally:
-                self.locked_s.append(time.perf_counter() - t0)
+                held = time.perf_counter() - t0
+                self.locked_s.append(held)
+                self.locked_by[what] = max(self.locked_by.get(what, 0.0), held)
 
     # --- the whole protocol -------------------------------------------------------------
 
@@ -112,13 +116,14 @@ class Snapshotter:
             self.repo.backend.clean_partials()
             parent_m = self._parent(parent)
             tables = self._open_tables()
+            chain_ok = not full and parent_m is not None and self._chain_ok(parent_m)
             self.sink = ChunkSink(self.repo, self.repo.backend.list_chunks())
             try:
-                with self._locked():  # freeze: what the first pass copies; the trackers
+                with self._locked("freeze"):  # what the first pass copies; the trackers
                     writer.check_usable()
                     since, frozen = changes.since, self._freeze(tables)
-                    incremental = (not full and parent_m is not None and since is not None
-                                   and since.since == parent_m.id and self._chain_ok(parent_m))
+                    incremental = (chain_ok and since is not None and parent_m is not None
+                                   and since.since == parent_m.id)
                     changes.since, changes.window = RowChanges(self.id), RowChanges()
                     changes.copying += 1
                     self.copying = True
@@ -218,20 +223,22 @@ class Snapshotter:
         changes = self.writer.changes
         while True:
             self.passes += 1
-            with self._locked():
+            with self._locked("window"):
                 window = changes.window
                 if window is None:
                     raise RuntimeError("the snapshot window vanished")  # a bug, not input
                 last = self.passes >= MAX_PASSES or (window.count <= FINAL_ROWS
                                                      and not window.whole)
                 if last:
+                    t0 = time.perf_counter()
                     final = self._finish_locked(window)
+                    self.locked_by["final"] = time.perf_counter() - t0
                 else:
                     changes.window = RowChanges()
             if last:
                 break
-            self._copy_window(window, self.passes)
-            self.sink.drain()
+            if self._copy_window(window, self.passes):
+                self.sink.drain()  # whole tables were read by pool jobs: reads done first
         for name, rows, raw in final.pop("rows"):
             self._store_delta(name, rows, raw, self.passes)
         self.sink.drain()
@@ -265,16 +272,24 @@ class Snapshotter:
         w.snapshot_done.notify_all()
         return final
 
-    def _copy_window(self, window: RowChanges, segment: int) -> None:
+    def _copy_window(self, window: RowChanges, segment: int) -> bool:
+        """Copy again the rows a window recorded. They are read here, synchronously (so
+        before the next swap), and stored raw: compressing them would make each pass as
+        slow as zstd, and a pass slower than training writes never converges. Returns
+        whether whole tables were read by pool jobs (the caller waits for those)."""
+        whole = False
         for name in window.tables():
             with self._locked():
                 table = self.writer.catalog.get(name)
                 state = self.writer.dirty.of(table)
             if name in window.whole:  # created during the snapshot: read it whole
-                tc = self.copies[name] = TableCopy(name, state.digests.rows_per_block)
+                self.copies[name] = TableCopy(name, state.digests.rows_per_block)
                 self._copy_whole(table, None, None, table._meta.num_rows)
+                whole = True
             else:
-                self._copy_rows(table, window.rows(name, table._meta.num_rows), segment)
+                self._copy_rows(table, window.rows(name, table._meta.num_rows), segment,
+                                level=None)
+        return whole
 
     def _copy_whole(self, table: Table, d: dg.Digests | None, dirty: np.ndarray | None,
                     n0: int) -> None:
@@ -320,20 +335,24 @@ class Snapshotter:
             raise InvalidArgumentError(f"row {int(ids[rc])} beyond table {table.name!r}")
         return out
 
-    def _copy_rows(self, table: Table, pieces: Iterable[np.ndarray], segment: int) -> None:
+    def _copy_rows(self, table: Table, pieces: Iterable[np.ndarray], segment: int,
+                   level: Any = "default") -> None:
         """Delta chunks of the rows in ``pieces`` (ascending ids), read now."""
         stride = table._meta.stride
         per = max(1, DELTA_CHUNK_BYTES // (8 + stride))
         for ids in pieces:
             for lo in range(0, len(ids), per):
                 part = ids[lo : lo + per]
-                self._store_delta(table.name, part, self._read_rows(table, part), segment)
+                self._store_delta(table.name, part, self._read_rows(table, part), segment,
+                                  level)
 
-    def _store_delta(self, name: str, ids: np.ndarray, rows: np.ndarray, segment: int) -> None:
+    def _store_delta(self, name: str, ids: np.ndarray, rows: np.ndarray, segment: int,
+                     level: Any = "default") -> None:
         if not len(ids):
             return
         per = max(1, DELTA_CHUNK_BYTES // (8 + rows.shape[1]))
-        codec = ck.codec_for(self.writer.manifest.meta(name).dtype, ck.KIND_DELTA, self.level)
+        codec = ck.codec_for(self.writer.manifest.meta(name).dtype, ck.KIND_DELTA,
+                             self.level if level == "default" else level)
         tc = self.copies[name]
         for lo in range(0, len(ids), per):
             part_ids, part_rows = ids[lo : lo + per], rows[lo : lo + per]
@@ -391,7 +410,9 @@ class Snapshotter:
                       "raw_bytes": self.sink.raw_bytes, "read_bytes": self.sink.read_bytes,
                       "passes": self.passes,
                       "lock_max_ms": round(1e3 * max(self.locked_s, default=0.0), 3),
-                      "lock_holds": len(self.locked_s)},
+                      "lock_holds": len(self.locked_s),
+                      "lock_max_ms_by": {k: round(1e3 * v, 3) for k, v in
+                                         self.locked_by.items()}},
         }
 
 

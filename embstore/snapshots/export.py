@@ -29,7 +29,7 @@ from numpy.lib import format as npformat
 from embstore.errors import InvalidArgumentError
 from embstore.fs import REAL, FileSystem
 from embstore.interop.parquet import _pyarrow
-from embstore.interop.tfrecord import crc32c, encode_records, mask
+from embstore.interop.tfrecord import _varint, crc32c, encode_records, mask
 from embstore.keys.convert import hash_bytes_keys
 from embstore.progress import Progress, ProgressArg
 from embstore.snapshots import chunks as ck
@@ -128,15 +128,6 @@ def _parquet(delta: Delta, path: Path, progress: ProgressArg, label: str,
 
     fs.atomic_external(path, write)
     return counts[0], counts[1]
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, v = v & 0x7F, v >> 7
-        out.append(byte | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
 
 
 def _int64_feature(name: bytes, value: int) -> bytes:

@@ -82,8 +82,10 @@ def _bytes_reader(table: Any, count: int) -> Any:
     return read
 
 
-def decode_bytes_keys(raw: bytes, count: int, address: str, snap: str) -> list[bytes]:
+def decode_bytes_keys(raw: bytes | bytearray | memoryview, count: int, address: str,
+                      snap: str) -> list[bytes]:
     """The ``count`` keys of a bytes keys chunk (u16 length, bytes), checked whole."""
+    raw = bytes(raw)
     out, pos = [], 0
     for _ in range(count):
         if pos + 2 > len(raw):

@@ -151,8 +151,10 @@ class Repo:
             return address, 0, str(exc)
         return address, len(raw), None
 
-    def read_chunk(self, address: str, snapshot: str | None = None) -> bytes:
-        """The raw bytes of a chunk, fully checked (ChunkError names it and ``snapshot``)."""
+    def read_chunk(self, address: str, snapshot: str | None = None
+                   ) -> bytes | bytearray | memoryview:
+        """The raw bytes of a chunk (bytes-like), fully checked (ChunkError names it and
+        ``snapshot``)."""
         return ck.decode(self.backend.read_chunk(address, snapshot),
                          str(self.backend.chunk_path(address)), address, snapshot)
 

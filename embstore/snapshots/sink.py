@@ -18,7 +18,24 @@ from embstore.snapshots import chunks as ck
 from embstore.snapshots.repo import Repo
 
 THREADS = 2
+# Snapshot threads run at a lower CPU priority (nice, per thread on Linux): on a 2-core
+# machine they would otherwise take the cores from the training step beside them.
+NICE = 10
 IN_FLIGHT = 8  # jobs queued or running: bounds memory to a few MiB of chunk buffers
+# Chunk files are written and fdatasync'ed on their own threads: one fdatasync on this
+# machine kind takes 1-2.5 ms, mostly waiting for a journal commit, and concurrent ones
+# share commits (measured: 256 chunk files of 240 KiB, write + fdatasync + rename,
+# 98 MiB/s on 1 thread, 198 on 8, 753 on 16). Compression keeps its 2 threads meanwhile.
+IO_THREADS = 12
+IO_IN_FLIGHT = 24  # encoded chunks waiting for or in a write: bounds their memory
+
+
+def _lower_priority() -> None:
+    """Make this worker thread yield the CPU to training (Linux: nice is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+    except (OSError, AttributeError):  # not Linux, or not allowed: run at normal priority
+        pass
 
 
 class ChunkSink:
@@ -28,8 +45,15 @@ class ChunkSink:
         self.repo = repo
         self.known = known
         self._claim = threading.Lock()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="embstore-snapshot")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="embstore-snapshot",
+                                        initializer=_lower_priority)
         self._pending: deque[tuple[Future[Any], Callable[[Any], None] | None]] = deque()
+        self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="embstore-chunk-io",
+                                      initializer=_lower_priority)
+        self._io_slots = threading.BoundedSemaphore(IO_IN_FLIGHT)
+        self._io_futures: list[Future[None]] = []
+        self._aborted = False
+        self._local = threading.local()  # per worker thread: a reused read buffer
         self.new_chunks = 0
         self.new_bytes = 0       # bytes written to chunk files
         self.raw_bytes = 0       # raw bytes of every chunk referenced
@@ -54,16 +78,35 @@ class ChunkSink:
         if self._claimed(addr):
             try:
                 head, payload = ck.encode(raw, bytes.fromhex(addr), codec)
-                written = self.repo.backend.put_chunk(addr, [head, payload])
             except BaseException:
                 with self._claim:
                     self.known.discard(addr)
                 raise
+            self._acquire_slot()  # back-pressure: compression waits for the disk
+            try:
+                fut = self._io.submit(self._write, addr, head, payload)
+            except BaseException:
+                self._io_slots.release()
+                raise
+            with self._claim:
+                self._io_futures.append(fut)
+        return addr
+
+    def _acquire_slot(self) -> None:
+        while not self._io_slots.acquire(timeout=0.1):
+            if self._aborted:
+                raise RuntimeError("snapshot aborted")
+
+    def _write(self, addr: str, head: bytes, payload: bytes) -> None:
+        """On an I/O thread: the chunk file, durable, under its name."""
+        try:
+            written = self.repo.backend.put_chunk(addr, [head, payload])
             with self._claim:
                 self.new_chunks += 1
                 self.new_bytes += written
                 self.new_addresses.append(addr)
-        return addr
+        finally:
+            self._io_slots.release()
 
     def submit(self, fn: Callable[..., Any], *args: Any,
                done: Callable[[Any], None] | None = None) -> None:
@@ -80,12 +123,20 @@ class ChunkSink:
             done(result)
 
     def drain(self) -> None:
-        """Wait for every job; the first error is raised (the rest are still awaited)."""
+        """Wait for every job and chunk write; the first error is raised (the rest are
+        still awaited)."""
         error: BaseException | None = None
         while self._pending:
             try:
                 self._collect_one()
             except BaseException as exc:  # noqa: BLE001 - keep draining, raise the first
+                error = error or exc
+        with self._claim:
+            writes, self._io_futures = self._io_futures, []
+        for fut in writes:
+            try:
+                fut.result()
+            except BaseException as exc:  # noqa: BLE001
                 error = error or exc
         if error is not None:
             raise error
@@ -100,22 +151,32 @@ class ChunkSink:
             self.drain()
         finally:
             self._pool.shutdown(wait=True)
+            self._io.shutdown(wait=True)
 
     def abort(self) -> None:
         """Stop: queued jobs are cancelled, running ones finish (their chunks stay as
         unreferenced files, which the next collection removes)."""
+        self._aborted = True  # a job waiting for a write slot gives up
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
 
-    def read_file(self, path: os.PathLike[str] | str, offset: int, length: int) -> bytes:
-        """pread ``length`` bytes (a block of rows; no mapping, so no resident growth)."""
+    def read_file(self, path: os.PathLike[str] | str, offset: int, length: int) -> memoryview:
+        """pread ``length`` bytes (a block of rows) into this thread's reused buffer: no
+        mapping, so no resident growth, and no fresh 256 KiB allocation per block (fresh
+        pages cost a first-touch fault each: a new buffer per block read at 0.28 GB/s,
+        measured). The view is valid until this thread's next read."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < length:
+            buf = self._local.buf = bytearray(length)
+        view = memoryview(buf)[:length]
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            data = os.pread(fd, length, offset)
+            got = os.preadv(fd, [view], offset)
         finally:
             os.close(fd)
-        if len(data) != length:
+        if got != length:
             raise OSError(5, f"short read of {path} at {offset}")
         with self._claim:
             self.read_bytes += length
-        return data
+        return view

@@ -90,19 +90,24 @@ class RowChanges:
         return sorted(set(self.bits) | self.whole)
 
     def rows(self, table: str, below: int) -> Iterator[np.ndarray]:
-        """The marked rows of ``table`` under ``below``, ascending, in bounded pieces."""
+        """The marked rows of ``table`` under ``below``, ascending, in bounded pieces.
+        Only the non-zero bytes are expanded: the last pass of a snapshot lists a few
+        rows of a large bitmap while it holds the writer lock."""
         bits = self.bits.get(table)
         if bits is None:
             return
         end = min(len(bits), -(-below // 8))
         for lo in range(0, end, SCAN_BYTES):
             piece = bits[lo : min(end, lo + SCAN_BYTES)]
-            if not piece.any():
+            nz = np.flatnonzero(piece)
+            if not len(nz):
                 continue
-            rows = np.flatnonzero(np.unpackbits(piece, bitorder="little")) + lo * 8
+            set_bits = np.unpackbits(piece[nz], bitorder="little").reshape(-1, 8)
+            which, bit = np.nonzero(set_bits)
+            rows = (nz[which].astype(np.int64) + lo) * 8 + bit
             rows = rows[rows < below]
             if len(rows):
-                yield rows.astype(np.int64)
+                yield rows
 
     def row_count(self, table: str, below: int) -> int:
         return sum(len(r) for r in self.rows(table, below))
