@@ -8,12 +8,13 @@ as a 1 MB one. The store and its writer share one catalog, so both see the same 
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from embstore.errors import TableNotFoundError
-from embstore.fs import FileSystem
+from embstore.fs import FileSystem, refuse_link
 from embstore.keys import KeyIndex
 from embstore.manifest import Manifest
 from embstore.storage import LIVE_NAME, LiveFile, ShardSet
@@ -39,6 +40,9 @@ class Catalog:
         self.fs = fs
         self.writable = writable
         self.writer: RowWriter | None = None  # set by the store once its writer exists
+        # (table, first row, stop row) -> {row: key} the write-ahead log still holds: where
+        # a writer restores keys a rolled-back LMDB lost (set by the writer)
+        self.lost_keys: Callable[[str, int, int], dict[int, int | bytes]] | None = None
         self._tables: dict[str, Table] = {}
         self._lock = threading.RLock()
 
@@ -67,9 +71,18 @@ class Catalog:
         moved_from = self.manifest.renames.get(name)
         if moved_from is not None and not directory.exists():
             directory = self.directory(moved_from)  # a rename not finished yet
+        if self.writable:  # O_NOFOLLOW guards file names only: no linked directory either
+            refuse_link(directory)
+            if meta.key_type is not None:
+                refuse_link(directory / INDEX_DIR)
         index = None
         if meta.key_type is not None:
-            index = KeyIndex.open(directory / INDEX_DIR, readonly=not self.writable, fs=self.fs)
+            restore = None
+            if self.writable and self.lost_keys is not None:
+                restore = functools.partial(self.lost_keys, name)
+            # Every row the manifest names has its key in LMDB: fewer keys there is damage
+            index = KeyIndex.open(directory / INDEX_DIR, readonly=not self.writable,
+                                  fs=self.fs, known_rows=meta.num_rows, restore=restore)
         try:
             shards = ShardSet(directory, meta, self.writable, self.fs, self.settings["advice"])
             live = LiveFile(directory / LIVE_NAME, self.writable, self.fs)

@@ -9,8 +9,10 @@ matrix-factorisation recommender, user and item tables (1,000,000 items x 32 flo
 default) with a hot-row cache a tenth of their size, trained with Keras model.fit on
 synthetic Zipf-distributed interactions through StoreEmbedding layers (rows read from
 the store, sparse Adagrad updates written back through the write-ahead log), a
-checkpoint per epoch, then the store reopened read-only to serve top-k recommendations.
-Prints progress, throughput and how good the recommendations are.
+checkpoint per epoch, an approximate index over the items built beside the store (needs
+faiss: ``pip install 'embstore[ann]'``; without it top-k is served by the exact
+streaming search), then the store reopened read-only to serve top-k recommendations.
+Prints progress, throughput, the index's recall and how good the recommendations are.
 
 Core demo: import a seeded random table (2,000,000 x 64 float32, 512 MB) in bounded
 chunks, reopen it read-only with a hot-row cache of a tenth of the table, serve

@@ -86,6 +86,10 @@ class TableNotFoundError(EmbstoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class IndexNotFoundError(EmbstoreError, FileNotFoundError):
+    """No approximate index of that name over the table (embstore.retrieval)."""
+
+
 # --- access mode and locking ---------------------------------------------------------
 
 
@@ -143,6 +147,17 @@ class CorruptLogError(FormatError):
     """A damaged write-ahead log record is followed by valid ones: not a torn tail."""
 
 
+class CorruptIndexError(FormatError):
+    """A key index's LMDB environment is damaged, truncated or not LMDB at all (LMDB's own
+    errors, such as ``lmdb.CorruptedError``, arrive as this, naming the environment)."""
+
+
+class IndexRollbackError(CorruptIndexError):
+    """A key index's LMDB holds fewer keys than keys.bin or the table's rows acknowledge:
+    LMDB fell back to an older transaction (a damaged meta page). A writable open restores
+    the lost keys from keys.bin (int64 keys) or the write-ahead log where it can."""
+
+
 # --- runtime failures ----------------------------------------------------------------
 
 
@@ -155,6 +170,10 @@ class DurabilityError(EmbstoreError, OSError):
 
     Recovery replays the log on reopen; everything acknowledged before the failure is kept.
     """
+
+
+class MissingExtraError(EmbstoreError, ImportError):
+    """An optional dependency (an extra, e.g. ``embstore[parquet]``) is not installed."""
 
 
 class StoreClosedError(EmbstoreError, RuntimeError):
@@ -228,4 +247,5 @@ class Fault:
 
 
 _FAULT_KINDS = ((BadMagicError, "bad-magic"), (UnsupportedVersionError, "unsupported-version"),
-                (ChecksumError, "checksum"), (TruncatedFileError, "truncated"))
+                (ChecksumError, "checksum"), (TruncatedFileError, "truncated"),
+                (IndexRollbackError, "rolled-back"), (UnsafePathError, "unsafe-path"))

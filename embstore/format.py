@@ -128,17 +128,24 @@ manifest and the log by the writer at open, never trusted for durability).
 ==========  =====  ==========================================================
 0           8      magic ``b"EMBLIVE\\0"``
 8           2      format major (u16) = 1
-10          2      format minor (u16) = 0
-12          4      reserved
+10          2      format minor (u16) = 1 (0: written before the CRC below)
+12          4      minor >= 1: CRC-32 of bytes 16..39 (minor 0: reserved)
 16          8      published_rows (u64): rows a reader may read now
 24          8      published_lsn (u64): log position whose rows are in the shards
 32          8      num_shards (u64): shard files that exist now
 40          4056   reserved, MUST be zero
 ==========  =====  ==========================================================
 
-A reader that sees ``published_rows`` beyond what its manifest names maps the extra
-shards (each validated as above) before serving those rows, and never reads a row id
-at or beyond ``min(published_rows, num_shards * rows_per_shard)``.
+The writer publishes num_shards, then published_lsn, then published_rows, and the CRC
+last, as one aligned 8-byte store of bytes 8..15. A reader takes the three fields only
+when their CRC matches (it reads again a few times, as it may catch the writer between
+the two): fields that never match (damage, or a writer killed mid-publish) are ignored,
+and the reader goes on with the rows it knew (at open: the manifest's). A reader that
+sees ``published_rows`` beyond what its manifest names maps the extra shards (each
+validated as above) before serving those rows, and never reads a row id at or beyond
+``min(published_rows, num_shards * rows_per_shard)`` of the shards it could map. A
+wrong size, magic or major version is damage (a reader raises a typed error); the next
+writable open, or ``check --fix``, writes a new live file from the manifest.
 
 Limitations
 -----------
@@ -184,6 +191,9 @@ MANIFEST_MAX_BODY = 16 << 20  # a manifest is metadata; anything larger is hosti
 SHARD_HEADER = struct.Struct("<8sHHIB3sIIIQQQI")  # up to the CRC at byte 60
 SHARD_CRC_OFFSET = 60
 LIVE_HEADER = struct.Struct("<8sHHIQQQ")
+LIVE_FORMAT_MINOR = 1  # minor 1 added the CRC of the published fields at byte 12
+LIVE_CRC_OFFSET = 12
+LIVE_FIELDS = struct.Struct("<QQQ")  # published_rows, published_lsn, num_shards at byte 16
 LIVE_ROWS_OFFSET = 16
 LIVE_LSN_OFFSET = 24
 LIVE_SHARDS_OFFSET = 32
@@ -342,9 +352,21 @@ def unpack_shard_header(buf: bytes, path: str, file_size: int | None = None) -> 
 # --- live file --------------------------------------------------------------------------
 
 
+def live_crc(published_rows: int, published_lsn: int, num_shards: int) -> int:
+    """The CRC a live file of minor >= 1 keeps at byte 12 for its three fields."""
+    return zlib.crc32(LIVE_FIELDS.pack(published_rows, published_lsn, num_shards))
+
+
+def live_version_word(crc: int) -> int:
+    """Bytes 8..15 of a live file (major, minor, CRC) as the one u64 a writer stores."""
+    return FORMAT_MAJOR | LIVE_FORMAT_MINOR << 16 | crc << 32
+
+
 def pack_live(published_rows: int, published_lsn: int, num_shards: int) -> bytes:
     head = LIVE_HEADER.pack(
-        LIVE_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, published_rows, published_lsn, num_shards
+        LIVE_MAGIC, FORMAT_MAJOR, LIVE_FORMAT_MINOR,
+        live_crc(published_rows, published_lsn, num_shards),
+        published_rows, published_lsn, num_shards,
     )
     return head + bytes(LIVE_BYTES - len(head))
 
@@ -359,9 +381,14 @@ def check_live(buf: bytes, path: str) -> None:
 
 
 def unpack_live(buf: bytes, path: str) -> tuple[int, int, int]:
-    """(published_rows, published_lsn, num_shards) of a live file, after check_live."""
+    """(published_rows, published_lsn, num_shards) of a live file, after check_live;
+    ChecksumError if the fields fail their CRC (minor >= 1)."""
     check_live(buf, path)
-    _, _, _, _, rows, lsn, shards = LIVE_HEADER.unpack_from(buf, 0)
+    _, _, minor, crc, rows, lsn, shards = LIVE_HEADER.unpack_from(buf, 0)
+    if minor >= 1 and crc != live_crc(rows, lsn, shards):
+        raise ChecksumError("published fields fail their CRC (a writer killed while "
+                            "publishing, or damage): readers ignore them", path,
+                            LIVE_CRC_OFFSET)
     return rows, lsn, shards
 
 
@@ -379,23 +406,32 @@ def pack_manifest(body: dict[str, Any]) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head)) + data
 
 
-def unpack_manifest(buf: bytes, path: str) -> dict[str, Any]:
+def check_manifest_size(head: bytes, file_size: int, path: str) -> int:
+    """Validate a manifest's header (its first 24 bytes) and the file size it requires,
+    before the body is read; returns the body length."""
     size = MANIFEST_HEADER.size
-    if len(buf) < size:
-        raise TruncatedFileError(f"manifest is {len(buf)} bytes: header needs {size}", path, 0)
-    magic, major, minor, length, body_crc, head_crc = MANIFEST_HEADER.unpack_from(buf, 0)
+    if len(head) < size:
+        raise TruncatedFileError(f"manifest is {len(head)} bytes: header needs {size}", path, 0)
+    magic, major, minor, length, _body_crc, head_crc = MANIFEST_HEADER.unpack_from(head, 0)
     if magic != MANIFEST_MAGIC:
         raise BadMagicError(f"bad magic {magic!r}: expected {MANIFEST_MAGIC!r}", path, 0)
     _check_version(major, minor, path, 8)
-    if head_crc != zlib.crc32(buf[:20]):
+    if head_crc != zlib.crc32(head[:20]):
         raise ChecksumError("manifest header CRC mismatch", path, 20)
     _require(length <= MANIFEST_MAX_BODY,
              f"body length {length}: limit is {MANIFEST_MAX_BODY}", path, 12)
-    if len(buf) != size + length:
+    if file_size != size + length:
         raise TruncatedFileError(
-            f"manifest is {len(buf)} bytes: header requires exactly {size + length}",
-            path, min(len(buf), size + length),
+            f"manifest is {file_size} bytes: header requires exactly {size + length}",
+            path, min(file_size, size + length),
         )
+    return length
+
+
+def unpack_manifest(buf: bytes, path: str) -> dict[str, Any]:
+    size = MANIFEST_HEADER.size
+    check_manifest_size(buf[:size], len(buf), path)
+    body_crc = MANIFEST_HEADER.unpack_from(buf, 0)[4]
     body_bytes = bytes(buf[size:])
     if zlib.crc32(body_bytes) != body_crc:
         raise ChecksumError("manifest body CRC mismatch", path, 16)

@@ -20,11 +20,15 @@ symlink) and O_CLOEXEC; temporary files are created with O_EXCL.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from embstore.errors import UnsafePathError
 
 T = TypeVar("T")
 TMP_SUFFIX = ".tmp"
@@ -37,8 +41,16 @@ class FileSystem:
     # --- opening and closing --------------------------------------------------------
 
     def open(self, path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> int:
-        """os.open that never follows a symlink at the last component."""
-        return os.open(path, flags | _NOFOLLOW, mode)
+        """os.open that never follows a symlink at the last component: a link there is
+        UnsafePathError, not a write (or a read) of whatever it points to."""
+        try:
+            return os.open(path, flags | _NOFOLLOW, mode)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePathError("is a symbolic link: embstore opens no file of a store "
+                                      "through a link; replace it with the real file (or "
+                                      "remove it)", os.fspath(path)) from None
+            raise
 
     def create(self, path: str | os.PathLike[str], mode: int = 0o644) -> int:
         """A new file opened for reading and writing; fails if the name exists (O_EXCL
@@ -176,6 +188,21 @@ class FileSystem:
             self.unlink(tmp)
             raise
         self.fsync_dir(path.parent)
+
+
+def refuse_link(path: str | os.PathLike[str]) -> None:
+    """UnsafePathError if ``path`` is a symbolic link. O_NOFOLLOW guards only the last
+    component of a name: a writer calls this for each directory of the store it writes
+    into (wal/, tables/, a table's directory, its index), so that no link there can send
+    a write outside the store. A missing path is no link (its creator reports that)."""
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if is_link:
+        raise UnsafePathError("is a symbolic link: embstore writes no file of a store through "
+                              "a link; replace it with the real directory",
+                              os.fspath(path))
 
 
 class SeamFile:

@@ -12,13 +12,14 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from embstore.errors import WriterLockedError
-from embstore.format import MANIFEST_HEADER, pack_manifest, unpack_manifest
+from embstore.errors import FormatError, WriterLockedError
+from embstore.format import MANIFEST_HEADER, check_manifest_size, pack_manifest, unpack_manifest
 from embstore.fs import FileSystem
 from embstore.storage import TableMeta
 
@@ -27,9 +28,34 @@ LOCK = "LOCK"
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    """The validated manifest body on disk now (FormatError names file and offset)."""
+    """The validated manifest body on disk now (FormatError names file and offset).
+
+    Bounded: the header is read and its length checked against the cap and the file's
+    size before the body is read, so a 1 GiB MANIFEST costs 24 bytes, not 1 GiB. Opened
+    non-blocking and required to be a regular file (a FIFO planted there would block)."""
     path = root / MANIFEST
-    return unpack_manifest(path.read_bytes(), str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError("MANIFEST is not a regular file", str(path), 0)
+        head = os.pread(fd, MANIFEST_HEADER.size, 0)
+        check_manifest_size(head, st.st_size, str(path))
+        buf = head + _pread_all(fd, st.st_size - len(head), len(head))
+    finally:
+        os.close(fd)
+    return unpack_manifest(buf, str(path))
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    parts = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size, offset = size - len(chunk), offset + len(chunk)
+    return b"".join(parts)
 
 
 class Manifest:

@@ -13,8 +13,10 @@ we own the mapping rather than subclass ndarray).
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,7 +24,13 @@ from typing import Any, Iterable
 import numpy as np
 
 import embstore._rows as _rows
-from embstore.errors import DurabilityError, MissingFileError, TruncatedFileError
+from embstore.errors import (
+    DurabilityError,
+    FormatError,
+    MissingFileError,
+    TruncatedFileError,
+    UnsafePathError,
+)
 from embstore.format import (
     DTYPE_CODES,
     HEADER_BYTES,
@@ -33,14 +41,19 @@ from embstore.format import (
     ShardHeader,
     check_live,
     check_shard_matches,
+    live_crc,
+    live_version_word,
     pack_live,
     row_stride,
     unpack_shard_header,
 )
 from embstore.fs import FileSystem
 
+log = logging.getLogger("embstore.storage")
+
 SHARD_NAME = "shard-{:06d}.emb"
 LIVE_NAME = "live.emb"
+LIVE_READ_TRIES = 100  # a reader may catch the writer between the fields and their CRC
 
 
 @dataclass
@@ -272,36 +285,98 @@ class ShardSet:
 
 
 class LiveFile:
-    """The writer's published row count and log position, shared with readers."""
+    """The writer's published row count and log position, shared with readers.
+
+    Volatile (docs/FORMAT.md "live.emb"): never trusted for durability. The writer makes
+    a new one where it is missing or damaged (it publishes the manifest's rows right
+    after opening); a reader raises a typed error for a damaged one, and ignores fields
+    that fail their CRC."""
 
     def __init__(self, path: Path, writable: bool, fs: FileSystem) -> None:
         self.path = path
-        if writable and not path.exists():
-            fs.atomic_write(path, pack_live(0, 0, 0))
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
+        fd = self._open_checked(fs, writable)
         try:
-            size = os.fstat(fd).st_size
-            check_live(os.pread(fd, LIVE_BYTES, 0) if size == LIVE_BYTES else b"\0" * size,
-                       str(path))
             self.map = mmap.mmap(fd, LIVE_BYTES,
                                  access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
         finally:
-            os.close(fd)
+            fs.close(fd)
         self.words = np.frombuffer(self.map, dtype="<u8", count=LIVE_BYTES // 8)
 
-    def read(self) -> tuple[int, int, int]:
-        """(published_rows, published_lsn, num_shards)."""
+    def _open_checked(self, fs: FileSystem, writable: bool) -> int:
+        """A descriptor of a usable live file. A reader raises a typed error for a damaged
+        or missing one; the writer writes a new one instead (it is volatile, and the
+        writer publishes the manifest's rows right after opening)."""
+        try:
+            fd = fs.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
+        except FileNotFoundError:
+            if not writable:
+                raise MissingFileError("live file is missing; the next writable open makes "
+                                       "it", str(self.path)) from None
+            why = None
+        except UnsafePathError as exc:
+            if not writable:
+                raise
+            why = str(exc)
+        else:
+            try:
+                _read_live(fd, str(self.path))
+                return fd
+            except FormatError as exc:
+                fs.close(fd)
+                if not writable:
+                    raise
+                why = str(exc)
+        if why is not None:
+            log.warning("%s; writing a new live file (it is volatile)", why)
+        # rename() replaces a planted link itself, never its target
+        fs.atomic_write(self.path, pack_live(0, 0, 0))
+        return fs.open(self.path, os.O_RDWR)
+
+    def read(self) -> tuple[int, int, int] | None:
+        """(published_rows, published_lsn, num_shards), or None when the fields keep
+        failing their CRC (damage, or a writer killed mid-publish): keep what you know."""
         w = self.words
-        return int(w[LIVE_ROWS_OFFSET // 8]), int(w[LIVE_LSN_OFFSET // 8]), int(
-            w[LIVE_SHARDS_OFFSET // 8])
+        for _ in range(LIVE_READ_TRIES):
+            version = int(w[1])
+            rows, lsn, shards = int(w[LIVE_ROWS_OFFSET // 8]), int(w[LIVE_LSN_OFFSET // 8]), \
+                int(w[LIVE_SHARDS_OFFSET // 8])
+            if (version >> 16) & 0xFFFF < 1 or version >> 32 == live_crc(rows, lsn, shards):
+                return rows, lsn, shards
+            time.sleep(0)  # the writer may be between the fields and their CRC
+        return None
 
     def publish(self, rows: int, lsn: int, num_shards: int) -> None:
         # shards first, rows last: a reader that sees the new row count must find the
-        # shard files that hold those rows already announced
-        self.words[LIVE_SHARDS_OFFSET // 8] = num_shards
-        self.words[LIVE_LSN_OFFSET // 8] = lsn
-        self.words[LIVE_ROWS_OFFSET // 8] = rows
+        # shard files that hold those rows already announced. The CRC (with the version,
+        # one aligned 8-byte store) goes last: a reader takes no field before it matches.
+        w = self.words
+        w[LIVE_SHARDS_OFFSET // 8] = num_shards
+        w[LIVE_LSN_OFFSET // 8] = lsn
+        w[LIVE_ROWS_OFFSET // 8] = rows
+        w[1] = live_version_word(live_crc(rows, lsn, num_shards))
 
     def close(self) -> None:
         del self.words
         self.map.close()
+
+
+def read_live(path: Path) -> bytes:
+    """The bytes of the live file at ``path`` (not through a link), checked: FormatError
+    or OSError if it cannot be used."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return _read_live(fd, str(path))
+    finally:
+        os.close(fd)
+
+
+def _read_live(fd: int, path: str) -> bytes:
+    """The live file's bytes after checking its size, magic and major version (never
+    reading more than a live file holds: a huge file is refused by its size)."""
+    size = os.fstat(fd).st_size
+    if size != LIVE_BYTES:
+        raise TruncatedFileError(f"live file is {size} bytes: expected {LIVE_BYTES}", path,
+                                 min(size, LIVE_BYTES))
+    buf = os.pread(fd, LIVE_BYTES, 0)
+    check_live(buf, path)
+    return buf

@@ -31,7 +31,7 @@ from embstore.errors import (
     StoreNotFoundError,
 )
 from embstore.format import check_user_table_name, is_power_of_two, row_stride
-from embstore.fs import REAL, FileSystem
+from embstore.fs import REAL, FileSystem, refuse_link
 from embstore.manifest import (
     MANIFEST,
     Manifest,
@@ -340,10 +340,15 @@ class Store:
             tables = self.path / TABLES_DIR
             for directory in sorted(tables.iterdir()):
                 if directory.name not in known:
+                    if directory.is_symlink():  # the link goes, never what it points to
+                        self._fs.unlink(directory)
+                        removed.append(str(directory))
+                        continue
                     freed += sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
                     self._fs.rmtree(directory)
                     removed.append(str(directory))
                     continue
+                refuse_link(directory)  # never unlink files through a linked directory
                 # the writer's count is the truth after the checkpoint: shards past it
                 # hold no published row, and no reader maps them
                 used = self._manifest.meta(directory.name).num_shards

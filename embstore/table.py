@@ -250,14 +250,22 @@ class Table:
 
     def refresh(self) -> bool:
         """Reader: pick up rows (and shards) the writer published. True if more appeared."""
-        rows, _lsn, shards = self._live.read()
-        if rows <= self._meta.num_rows:
-            return False
+        published = self._live.read()
+        if published is None or published[0] <= self._meta.num_rows:
+            return False  # nothing new, or fields that fail their CRC: keep what we know
+        rows, _lsn, shards = published
         with self._grow_lock:
             if shards > self._meta.num_shards:
-                self._meta.num_shards = shards
-                self._shards.map_shards(shards)
+                # Mapped first, counted after: a shard that is missing (MissingFileError)
+                # leaves the count at the shards that exist, every time it is asked.
+                try:
+                    self._shards.map_shards(shards)
+                finally:
+                    self._meta.num_shards = max(self._meta.num_shards,
+                                                len(self._shards.maps))
             rows = min(rows, self._meta.capacity)
+            if rows <= self._meta.num_rows:
+                return False
             self._shards.set_num_rows(rows)
         if self._index is not None:
             self._index.refresh()

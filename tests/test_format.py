@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import struct
+import zlib
 import sys
 from pathlib import Path
 
@@ -690,7 +691,8 @@ def test_damaged_live_file_is_rejected_by_a_reader(manifest_store: Path, damage:
 def test_live_file_layout() -> None:
     buf = pack_live(7, 9, 3)
     assert len(buf) == 4096 and buf[:8] == b"EMBLIVE\0"
-    assert struct.unpack_from("<HH", buf, 8) == (1, 0)
+    assert struct.unpack_from("<HH", buf, 8) == (1, 1)  # minor 1: the fields' CRC at 12
+    assert struct.unpack_from("<I", buf, 12)[0] == zlib.crc32(struct.pack("<QQQ", 7, 9, 3))
     assert struct.unpack_from("<QQQ", buf, 16) == (7, 9, 3)
     assert buf[40:] == bytes(4056)
 

@@ -328,9 +328,15 @@ def test_missing_store_or_table_inside_tf_function_and_tf_data_keeps_its_class(i
 
 
 def test_every_embstore_error_class_survives_autograph_and_keras():
-    """Both re-raise an error with more context built from one message string."""
+    """Both re-raise an error with more context built from one message string. Every
+    class lives in embstore.errors (AutoGraph is told of those that exist when
+    embstore.tensorflow is imported): the optional modules are imported first here, so
+    a class defined in one of them would be missing."""
+    import embstore.cli  # noqa: F401
+    import embstore.interop.parquet  # noqa: F401
     from tensorflow.python.autograph.pyct import error_utils
     for cls in ops._all_subclasses(embstore.errors.EmbstoreError):
+        assert cls.__module__ == "embstore.errors", cls
         err = cls("a message")
         assert isinstance(err, cls) and "a message" in str(err)
         assert cls in error_utils.KNOWN_STRING_CONSTRUCTOR_ERRORS

@@ -8,7 +8,9 @@ is reported as a warning and cut by the next writable open (or by ``--fix``).
 
 ``--fix`` does only what cannot lose data:
 - rebuild a key index's derived keys file (``keys.bin``) from its LMDB record of truth;
-- cut a torn log tail (only records that were never acknowledged lie there).
+- put back keys a rolled-back LMDB lost, from the write-ahead log and keys.bin;
+- cut a torn log tail (only records that were never acknowledged lie there);
+- write a new live file (``live.emb``, volatile) from the manifest.
 Anything else is reported as "nothing safe to fix" and left as found.
 """
 
@@ -56,8 +58,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="also read every row and compare it with the digest recorded at "
                    "the last checkpoint (names the rows that changed at rest)")
     p.add_argument("--fix", action="store_true",
-                   help="rebuild damaged key indexes and cut a torn log tail (needs the "
-                   "writer lock); nothing else is changed")
+                   help="rebuild damaged key indexes, restore keys a rolled-back LMDB lost, "
+                   "cut a torn log tail, rewrite damaged live files (needs the writer "
+                   "lock); nothing else is changed")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -68,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no embstore store at {root} (no MANIFEST file): check the path")
     findings = check_store(root, deep=args.deep)
     fixed: list[str] = []
+    failed: list[str] = []
     unfixable: list[str] = []
     if args.fix and findings:
-        fixed, unfixable = repair(root, findings)
+        fixed, failed, unfixable = repair(root, findings)
         findings = check_store(root, deep=args.deep)
     faults = [f for f in findings if f.fatal]
     warnings = [f for f in findings if not f.fatal]
@@ -78,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
         print_json({"path": str(root), "clean": not faults,
                     "faults": [_public(f) for f in faults],
                     "warnings": [_public(f) for f in warnings],
-                    "fixed": fixed, "not_fixed": unfixable})
+                    "fixed": fixed, "failed": failed, "not_fixed": failed + unfixable})
     else:
-        for line in fixed:
+        for line in fixed + failed:
             print(line)
         for f in faults:
             print(str(f))
@@ -89,12 +93,14 @@ def run(args: argparse.Namespace) -> int:
         if faults:
             n = len(faults)
             unsafe = f"; nothing safe to fix for {'it' if n == 1 else 'them'}" if args.fix else \
-                " (--fix repairs only what is safe: derived key files, a torn log tail)"
+                " (--fix repairs only what is safe: derived key files, keys a rolled-back " \
+                "LMDB lost, a torn log tail, live files)"
             print(f"{n} fault{'s' if n != 1 else ''}: the store is damaged{unsafe}")
         else:
             note = f" ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})" \
                 if warnings else ""
-            print(("clean after fixing" if args.fix and fixed else "clean") + note)
+            print(("clean after fixing" if args.fix and fixed and not failed else "clean")
+                  + note)
     return EXIT_DAMAGED if faults else 0
 
 

@@ -17,17 +17,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from embstore.errors import DTypeError, EmbstoreError, FormatError, ShapeError
+from embstore.errors import DTypeError, FormatError, MissingExtraError, ShapeError
 from embstore.fs import REAL, FileSystem
 from embstore.progress import Progress
 
 ID_COLUMN = "id"
 VECTOR_COLUMN = "embedding"
 CHUNK_BYTES = 32 << 20
-
-
-class MissingExtraError(EmbstoreError, ImportError):
-    """An optional dependency (an extra) is not installed."""
 
 
 def _pyarrow() -> tuple[Any, Any]:

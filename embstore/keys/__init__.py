@@ -32,6 +32,24 @@ environment is opened with ``sync=True, metasync=True``), and only after that co
 the keys file and the in-memory hash extended. A crash between the two leaves LMDB ahead
 of the keys file, which the next open detects by count and repairs.
 
+LMDB behind: LMDB holding fewer entries than a keys file with valid CRCs counts, or
+fewer than the rows the table's manifest entry names, is never the trace of a crash
+(both are written only after the synced LMDB commit): LMDB fell back to an older
+transaction (a damaged meta page). A reader MUST NOT rebuild the keys file from it and
+raises IndexRollbackError; a writer puts the lost entries back in one synced commit,
+from the write-ahead log records still on disk, else (int64 tables) from the keys file,
+and raises IndexRollbackError, writing nothing, if a key is found in neither.
+
+Before LMDB maps ``data.mdb``, a reader and a writer MUST check its two meta pages
+(P_META flag, magic 0xBEEFC0DE, data version 1, a page size that is a power of two in
+[512, 65536], tree roots within the pages in use) and that the file holds every page
+both claim (``(mm_last_pg + 1) * page size`` bytes): a shorter file would be SIGBUS when
+mapped (TruncatedFileError, CorruptIndexError otherwise). A reader opens LMDB read-only
+without locks (MDB_NOLOCK, so a read-only open writes nothing, ``lock.mdb`` included)
+and accepts a read transaction of snapshot S only if, after it, the newest committed
+transaction is at most S + 1 (a live writer reuses the pages of S only from S + 3 on);
+otherwise it reads again.
+
 Bytes keys in int64 form
 ------------------------
 Lookups, the keys file and the in-memory hash work on int64 keys. A bytes key ``b`` maps
@@ -62,8 +80,9 @@ All integers little-endian. A 64-byte header, then ``count`` int64 keys, row 0 f
   bytes or than ``64 + 8 * count`` (TruncatedFileError); a wrong magic (BadMagicError);
   a version other than 1 (UnsupportedVersionError); a header_size other than 64, a
   key_type other than LMDB's, nonzero reserved bytes or count > MAX_KEYS (FormatError);
-  a header_crc or data_crc mismatch (ChecksumError); a count other than LMDB's
-  ``key2row`` entry count; and a key that occurs at two rows.
+  a header_crc or data_crc mismatch (ChecksumError); a count below LMDB's
+  ``key2row`` entry count (a count above it: "LMDB behind" above); and a key that
+  occurs at two rows.
 * Append protocol (the writer, after the LMDB commit): ``pwrite`` the new keys at
   ``64 + 8 * count``, then ``pwrite`` the header with the new count and
   ``data_crc = zlib.crc32(new_key_bytes, old_data_crc)``. The data is written before the

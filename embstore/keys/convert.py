@@ -68,3 +68,24 @@ def hash_bytes_keys(raw: Any) -> np.ndarray:
 
 def encode_int_key(key: int) -> bytes:
     return struct.pack(">q", key)
+
+
+def keys_to_int64(key_type: str, keys: Any) -> np.ndarray:
+    """Keys of a table keyed by ``key_type`` in int64 form, same shape: int keys as they
+    are, bytes/str keys hashed (DTypeError for the wrong kind)."""
+    if key_type == "int64":
+        if isinstance(keys, (bytes, str)) or (isinstance(keys, np.ndarray) and keys.dtype.kind in "SUO"):
+            raise DTypeError("int64 table keys must be integers, got bytes/str/object keys")
+        return as_int_keys(keys)
+    if isinstance(keys, (bytes, str)):
+        seq, shape = (keys,), ()
+    elif isinstance(keys, np.ndarray) and keys.dtype.kind in "SUO":
+        seq, shape = keys.reshape(-1).tolist(), keys.shape
+    else:
+        seq = keys if isinstance(keys, (list, tuple)) else list(keys)
+        shape = (len(seq),)
+    try:  # fast path: bytes and str items hashed in C without a Python loop
+        return hash_bytes_keys(seq).reshape(shape)
+    except TypeError:
+        raw, _ = as_bytes_list(seq)  # bytearray, memoryview...; else DTypeError
+        return hash_bytes_keys(raw).reshape(shape)

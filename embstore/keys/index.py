@@ -7,7 +7,6 @@ commit and sync are announced to it as ``external`` steps.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -17,7 +16,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +41,7 @@ from embstore.keys.convert import (
     as_bytes_list,
     as_int_keys,
     hash_bytes_keys,
+    keys_to_int64,
 )
 from embstore.keys.keyfile import (
     HEADER_SIZE,
@@ -52,7 +52,9 @@ from embstore.keys.keyfile import (
     unpack_header,
 )
 from embstore.keys.assign import check_existing, new_mapping
+from embstore.keys.inspection import IndexInspection
 from embstore.keys.record import KeyRecord
+from embstore.keys.restore import KeySource, restore_keys, rolled_back
 
 log = logging.getLogger("embstore.keys")
 
@@ -63,7 +65,7 @@ HEADER_RETRIES = 5  # a reader may catch the writer mid-header; retry before "da
 COUNT_RETRIES = 12  # a reader may catch the writer between LMDB commit and append (~0.4 s)
 
 
-class KeyIndex:
+class KeyIndex(IndexInspection):
     """int64 or bytes key -> row, durable in LMDB, served by a native hash.
 
     ``lookup`` is safe to call from many threads at once (the C hash takes a read lock
@@ -72,12 +74,16 @@ class KeyIndex:
     """
 
     def __init__(self, directory: str, readonly: bool, map_size: int,
-                 fs: FileSystem = REAL) -> None:
+                 fs: FileSystem = REAL, known_rows: int = 0,
+                 restore: KeySource | None = None) -> None:
         """Use :meth:`create` or :meth:`open`."""
         self.directory = os.fspath(directory)
         self._fs = fs
         self.readonly = readonly
         self.rebuilt: str | None = None  # why the keys file was last rebuilt, if it was
+        self.restored: str | None = None  # keys put back into a rolled-back LMDB, if any
+        self._known_rows = known_rows
+        self._restore_source = restore
         self._mutex = threading.RLock()
         self._closed = False
         self._lock_fd: int | None = None
@@ -132,9 +138,15 @@ class KeyIndex:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, readonly: bool = False,
-             map_size: int = 1 << 34, fs: FileSystem = REAL) -> "KeyIndex":
-        """Open an index. O(1): the hash is built on the first lookup."""
-        return cls(os.fspath(directory), readonly=readonly, map_size=map_size, fs=fs)
+             map_size: int = 1 << 34, fs: FileSystem = REAL, known_rows: int = 0,
+             restore: KeySource | None = None) -> "KeyIndex":
+        """Open an index. O(1): the hash is built on the first lookup.
+
+        ``known_rows``: rows the table's manifest names, each of which has its key in LMDB;
+        ``restore``: where a writer finds keys a rolled-back LMDB lost (the write-ahead
+        log; ``embstore.keys.restore``)."""
+        return cls(os.fspath(directory), readonly=readonly, map_size=map_size, fs=fs,
+                   known_rows=known_rows, restore=restore)
 
     def _take_writer_lock(self) -> None:
         path = os.path.join(self.directory, LOCK_FILE)
@@ -165,10 +177,13 @@ class KeyIndex:
         raise AssertionError("unreachable")
 
     def _load(self) -> None:
-        """Map keys.bin after checking its header and count against LMDB; else rebuild."""
+        """Map keys.bin after checking its header and count against LMDB; put back keys
+        LMDB lost (``keys.restore``); else rebuild keys.bin from LMDB."""
         try:
             fd = self._fs.open(self._keys_path, os.O_RDONLY if self.readonly else os.O_RDWR)
         except FileNotFoundError:
+            if self._restore_lost(None, 0, 0, self._record.count()):
+                return self._load()
             return self._repair("keys file is missing")
         try:
             for attempt in range(COUNT_RETRIES):
@@ -182,7 +197,12 @@ class KeyIndex:
                 time.sleep(0.005 * (attempt + 1))
         except FormatError as exc:
             os.close(fd)
+            if self._restore_lost(None, 0, 0, self._record.count()):
+                return self._load()
             return self._repair(f"keys file header is damaged: {exc}")
+        if self._restore_lost(fd, count, crc, entries):
+            os.close(fd)
+            return self._load()
         if count != entries:
             os.close(fd)
             return self._repair(f"keys file has {count} keys, LMDB has {entries}")
@@ -190,6 +210,30 @@ class KeyIndex:
         if self._tmp is not None:  # keys.bin is sound again: leave degraded mode
             self._tmp.close()
             self._tmp = None
+
+    def _restore_lost(self, fd: int | None, count: int, crc: int, entries: int) -> bool:
+        """LMDB holding fewer keys than keys.bin (valid CRCs) or the table's rows is a
+        rollback, never a crash (``keys.restore``): a reader raises IndexRollbackError, a
+        writer puts the keys back. True if it did."""
+        file_keys = self._file_keys(fd, count, crc) if fd is not None and count > entries \
+            else None
+        in_file = len(file_keys) if file_keys is not None else 0
+        want = max(in_file, self._known_rows)
+        if entries >= want:
+            return False
+        why = "keys.bin" if in_file == want else "the table's row count in the manifest"
+        if self.readonly:
+            raise rolled_back(self._lmdb_path, entries, want, why)
+        self.restored = restore_keys(self._record, entries, want, file_keys,
+                                     self._restore_source, self._lmdb_path)
+        return True
+
+    def _file_keys(self, fd: int, count: int, crc: int) -> np.ndarray | None:
+        """keys.bin's keys if they match its data CRC (O(n): only on the rollback path)."""
+        data = os.pread(fd, 8 * count, HEADER_SIZE)
+        if len(data) != 8 * count or zlib.crc32(data) != crc:
+            return None
+        return np.frombuffer(data, "<i8").astype(np.int64)
 
     def _install(self, fd: int, count: int, crc: int) -> None:
         """Adopt fd as the keys file: map it (O(1)); the hash fills on first use."""
@@ -287,22 +331,7 @@ class KeyIndex:
 
     def to_int64(self, keys: Any) -> np.ndarray:
         """Keys in int64 form, same shape: int keys as they are, bytes/str keys hashed."""
-        if self.key_type == "int64":
-            if isinstance(keys, (bytes, str)) or (isinstance(keys, np.ndarray) and keys.dtype.kind in "SUO"):
-                raise DTypeError("int64 table keys must be integers, got bytes/str/object keys")
-            return as_int_keys(keys)
-        if isinstance(keys, (bytes, str)):
-            seq, shape = (keys,), ()
-        elif isinstance(keys, np.ndarray) and keys.dtype.kind in "SUO":
-            seq, shape = keys.reshape(-1).tolist(), keys.shape
-        else:
-            seq = keys if isinstance(keys, (list, tuple)) else list(keys)
-            shape = (len(seq),)
-        try:  # fast path: bytes and str items hashed in C without a Python loop
-            return hash_bytes_keys(seq).reshape(shape)
-        except TypeError:
-            raw, _ = as_bytes_list(seq)  # bytearray, memoryview...; else DTypeError
-            return hash_bytes_keys(raw).reshape(shape)
+        return keys_to_int64(self.key_type, keys)
 
     def lookup(self, keys: Any, out: np.ndarray | None = None) -> np.ndarray:
         """Row of each int64 key, -1 where unknown. Any shape; ``out`` is reused if given."""
@@ -340,7 +369,9 @@ class KeyIndex:
         if r.size and (r.min() < 0 or r.max() >= count):
             bad = int(r.min()) if r.min() < 0 else int(r.max())
             raise IdOutOfRangeError(bad, count, self.directory)
-        return np.take(self._hash.keys_view(count), r)
+        # Through the hash: it checks the keys against data_crc first (and repairs from
+        # LMDB on a mismatch), so a damaged keys.bin never hands out wrong keys.
+        return np.take(self._ensure_hash().keys_view(count), r)
 
     # --- writes ---------------------------------------------------------------------
 
@@ -459,62 +490,3 @@ class KeyIndex:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._count} keys"
         return f"KeyIndex({self.directory!r}, {getattr(self, 'key_type', '?')}, {state})"
-
-    def stats(self) -> dict[str, float]:
-        """Hash shape and RAM, for benchmarks: count, capacity, bytes, displacement."""
-        self._check_open()
-        n, cap, mean, worst = self._ensure_hash().probe_stats()
-        return {"count": n, "capacity": cap, "hash_bytes": cap * 4,
-                "bytes_per_key": cap * 4 / n if n else 0.0, "mean_displacement": mean,
-                "max_displacement": worst}
-
-
-    # --- inspection (embstore.check) ------------------------------------------------
-
-    @contextlib.contextmanager
-    def inspect(self) -> Iterator["KeyIndex"]:
-        """Hold the index still (no assign, refresh or rebuild) while a check reads it."""
-        with self._mutex:
-            self._check_open()
-            yield self
-
-    @property
-    def keys_path(self) -> str:
-        return self._keys_path
-
-    @property
-    def lmdb_path(self) -> str:
-        return self._lmdb_path
-
-    @property
-    def private_copy(self) -> str | None:
-        """Why this reader serves keys from a private copy rebuilt from LMDB, if it does."""
-        return self.rebuilt if self._tmp is not None else None
-
-    def keys_file_size(self) -> int:
-        return os.fstat(self._fd).st_size
-
-    def stored_header(self) -> tuple[int, int, int]:
-        """(count, data_crc, file size) as keys.bin holds them now; FormatError if bad."""
-        size = self.keys_file_size()
-        count, crc = unpack_header(os.pread(self._fd, HEADER_SIZE, 0), size, self._keys_path,
-                                   self._type_code)
-        return count, crc, size
-
-    def keys_view(self, count: int) -> np.ndarray:
-        """The first ``count`` keys of the mapped keys file (never past its end)."""
-        return self._hash.keys_view(count)
-
-    def scan_lmdb(self) -> tuple[np.ndarray, np.ndarray, list[bytes] | None, list[str]]:
-        """Every LMDB entry: (int64 keys, rows, raw bytes keys or None, malformed)."""
-        return self._record.scan()
-
-    def hashed_rows(self) -> np.ndarray | None:
-        """The row the in-memory hash gives for each key it holds, in row order (None
-        before the hash is built): row i must come back as i."""
-        h = self._hash
-        if not (h.capacity and h.count):
-            return None
-        got = np.empty(h.count, np.int64)
-        h.lookup(np.ascontiguousarray(h.keys_view(h.count)), got)
-        return got

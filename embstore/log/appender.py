@@ -25,7 +25,7 @@ from embstore.errors import (
     StoreClosedError,
     WriterLockedError,
 )
-from embstore.fs import REAL, FileSystem
+from embstore.fs import REAL, FileSystem, refuse_link
 from embstore.log.scanner import check_log, replay_records, scan
 from embstore.log.segments import (
     ALIGN,
@@ -97,7 +97,8 @@ class WriteAheadLog:
             self._fs.mkdir(d, parents=True)
             self._fs.fsync_dir(os.path.dirname(os.path.abspath(d)))
         if not self._readonly:
-            self._dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            refuse_link(d)  # no segment is ever written through a link (O_NOFOLLOW below)
+            self._dirfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:  # the kernel drops a flock when its holder dies, even by kill -9
                 fcntl.flock(self._dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -256,7 +257,10 @@ class WriteAheadLog:
         name = os.path.join(self._dir, SEGMENT_NAME % start)
         tmp = name + ".tmp"
         with self._guard("create segment"):
-            fd = self._fs.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            # a leftover .tmp is removed first, and the new one made with O_EXCL: a link
+            # planted under its name is never written through
+            self._fs.unlink(tmp)
+            fd = self._fs.create(tmp)
             try:
                 write_all(self._fs, fd, [pack_header(start)], 0)
                 cap = HDR

@@ -7,8 +7,9 @@ modify), and replay (records from a start LSN, in order).
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from embstore.errors import (
@@ -31,9 +32,13 @@ from embstore.log.segments import (
     read_segment,
 )
 
-def walk(buf: bytes, seg: int, path: str, start_lsn: int) -> tuple[int, int, str]:
-    """Follow frames from the header: (committed end offset, stop offset, why it stopped)."""
-    off = committed = HDR
+log = logging.getLogger("embstore.log")
+
+def walk(buf: bytes, seg: int, path: str, start_lsn: int, first: int = HDR
+         ) -> tuple[int, int, str]:
+    """Follow frames from offset ``first`` (the segment's first frame by default):
+    (committed end offset, stop offset, why it stopped)."""
+    off = committed = first
     while True:
         lsn = seg + off - HDR
         got = frame_at(buf, off, lsn, path)
@@ -81,12 +86,36 @@ def durable_after(buf: bytes, stop: int, seg: int, path: str) -> int | None:
     return None
 
 
+CLEAN_END = ("zeros", "end of data")  # why a walk stops where a log simply ends
+
+
 @dataclass
 class Scan:
     segments: list[tuple[int, str]]  # the segment holding the start LSN and all later ones
     end_lsn: int
     tail_off: int  # file offset in the last segment where the log ends
     torn: Fault | None  # a torn tail after tail_off, not cut yet
+    applied_damage: list[Fault] = field(default_factory=list)  # below the start: harmless
+
+
+def walk_first(buf: bytes, seg: int, path: str, start_lsn: int
+               ) -> tuple[int, int, str, Fault | None]:
+    """walk() of the segment holding the start LSN. Its frames below the start were applied
+    and made durable before the checkpoint that recorded the start, and are not replayed:
+    damage there loses nothing. So if the walk from the segment's first frame stops on
+    damage below the start, and the file reaches the start, walk again from the start
+    and report the damage as a warning. A walk that stops below the start where the log
+    simply ends (zeros, end of data) is a log that lost acknowledged records."""
+    committed, stop, why = walk(buf, seg, path, start_lsn)
+    start_off = HDR + start_lsn - seg
+    if stop >= start_off or why in CLEAN_END or start_off > len(buf):
+        return committed, stop, why, None
+    damage = Fault(path, stop, f"damaged record at LSN {seg + stop - HDR} ({why}), below the "
+                   f"checkpoint LSN {start_lsn}: it was applied and synced before that "
+                   "checkpoint, so nothing is lost; the segment goes when the log is recycled",
+                   "applied-record-damaged", False)
+    log.warning("%s", damage)
+    return (*walk(buf, seg, path, start_lsn, start_off), damage)
 
 
 def scan(directory: str, start_lsn: int, faults: list[Fault] | None) -> Scan:
@@ -112,7 +141,12 @@ def scan(directory: str, start_lsn: int, faults: list[Fault] | None) -> Scan:
         try:
             buf = read_segment(path)
             check_header(buf, path, seg)
-            committed, stop, why = walk(buf, seg, path, start_lsn if k == 0 else -1)
+            if k == 0:
+                committed, stop, why, damage = walk_first(buf, seg, path, start_lsn)
+                if damage is not None:
+                    result.applied_damage.append(damage)
+            else:
+                committed, stop, why = walk(buf, seg, path, -1)
         except (FormatError, InvalidArgumentError) as exc:
             fail(exc)
             continue
@@ -154,6 +188,7 @@ def check_log(directory: str | os.PathLike[str], start_lsn: int = 0) -> list[Fau
         faults.append(Fault(d, None, "no log segments (*.wal)", "missing"))
     if found.torn is not None:
         faults.append(found.torn)
+    faults.extend(found.applied_damage)
     faults.extend(Fault(t, None, "leftover segment under construction", "stray", False)
                   for t in list_segments(d)[1])
     return faults

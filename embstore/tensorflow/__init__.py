@@ -4,6 +4,8 @@
     import embstore.tensorflow as etf
     rows = etf.gather(table, ids)                         # op: eager, tf.function, tf.data
     layer = etf.StoreEmbedding("/data/store", "items", optimizer="adagrad")  # Keras 3
+    ids, scores = etf.top_k("/data/store", queries, 10, table="items")  # via its index
+    etf.save_bundle("/models/recs", query_model, store, table="items")  # model|store|index
 
 Importing this package registers the ops' Python callbacks under their stable tokens and
 loads the native gather op (building it once per machine, ~8 s; ``native_status()`` says
@@ -31,11 +33,15 @@ from embstore.tensorflow.ops import (
 from embstore.tensorflow.saving import load, saved_references
 from embstore.tensorflow.callbacks import SnapshotCallback
 from embstore.tensorflow import _training  # noqa: F401  registers the training ops' callbacks
+from embstore.tensorflow.retrieval import set_index_path, top_k  # registers top-k's callback
+from embstore.tensorflow.bundle import Bundle, load_bundle, save_bundle
 
 __all__ = [
+    "Bundle",
     "ENV_STORE_PATH",
     "SnapshotCallback",
     "StoreEmbedding",
+    "StoreRetrieval",
     "TableRef",
     "apply_gradients",
     "close_stores",
@@ -43,13 +49,17 @@ __all__ = [
     "embedding_lookup_sparse",
     "gather",
     "load",
+    "load_bundle",
     "native_status",
     "register_store",
     "safe_embedding_lookup_sparse",
+    "save_bundle",
     "saved_references",
+    "set_index_path",
     "set_open_options",
     "set_store_path",
     "table_ref",
+    "top_k",
 ]
 
 
@@ -57,4 +67,7 @@ def __getattr__(name: str):  # keras is imported only when the layer is used
     if name == "StoreEmbedding":
         from embstore.tensorflow.layers import StoreEmbedding
         return StoreEmbedding
+    if name == "StoreRetrieval":
+        from embstore.tensorflow.retrieval_layer import StoreRetrieval
+        return StoreRetrieval
     raise AttributeError(f"module 'embstore.tensorflow' has no attribute {name!r}")

@@ -14,10 +14,35 @@ from embstore.table import Table
 from embstore.writer.digesting import DirtyBlocks
 
 
-def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyBlocks) -> None:
-    """Copy logged rows into the table (and its key index), growing it if needed."""
+def row_limit(table: Table, entry: Entry, parent: Table | None) -> int:
+    """The most rows ``table`` may hold once ``entry`` is applied. A record grows a table
+    only by the new keys it carries (they take rows from the index's count on), and a
+    slot table only up to the rows of its table (``parent``, whose entries come first in
+    a record). Checked before a shard is made: a record with a valid CRC and row 5000 in
+    a table of one row per shard made recovery create 5,000 shard files."""
+    meta = table._meta
+    if parent is not None:
+        return max(meta.num_rows, parent._meta.num_rows)
+    base = meta.num_rows
+    if table._index is not None:
+        base = max(base, table._index.count)
+    return base + (len(entry.rows) if entry.index_keys is not None else 0)
+
+
+def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyBlocks,
+                limit: int | None = None) -> None:
+    """Copy logged rows into the table (and its key index), growing it if needed, never
+    beyond ``limit`` rows (``row_limit``; CorruptLogError, nothing written)."""
     meta, shards, rows = table._meta, table._shards, entry.rows
     top = int(rows.max()) + 1 if len(rows) else 0
+    if len(rows) and int(rows.min()) < 0:
+        raise CorruptLogError(f"log record at LSN {lsn}: negative row id {int(rows.min())} "
+                              f"for table {table.name!r}")
+    if limit is not None and top > limit:
+        raise CorruptLogError(
+            f"log record at LSN {lsn} writes row {top - 1} of table {table.name!r}, which "
+            f"may hold at most {limit} rows after it (a record grows a table only by the new "
+            "keys it carries): damaged or forged record, nothing was applied")
     if top > meta.capacity:
         shards.ensure_capacity(top)
     # marked before the write: a failed scatter may have written some rows

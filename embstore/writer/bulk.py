@@ -36,9 +36,12 @@ def append_chunks(writer: Writer, table: Table, chunks: Iterable[np.ndarray], to
         shards, start, written, touched = table._shards, meta.num_rows, 0, set()
         # Shard files are made as the rows arrive, not all up front, and the metadata
         # counts them only once the rows are published: a failed or interrupted import
-        # deletes the files it made and leaves the table as it was.
+        # deletes the files it made and leaves the table as it was. A failed write or
+        # sync of the store's files poisons the writer (writer.durable); a failure to
+        # read the input does not.
         created: list[int] = []
         have = meta.num_shards
+        what = f"appending rows to table {table.name!r}"
         try:
             with Progress(total, f"import {table.name}", progress) as bar:
                 for chunk in chunks:
@@ -47,23 +50,28 @@ def append_chunks(writer: Writer, table: Table, chunks: Iterable[np.ndarray], to
                         raise ShapeError(f"more rows than announced ({total})")
                     check_finite(chunk, table.name)
                     need = -(-(start + written + len(chunk)) // meta.rows_per_shard)
-                    if need > have:
-                        created += shards.add_files(have, need)
-                        have = need
-                    touched |= shards.pwrite_rows(start + written, encode_rows(chunk, meta.dtype))
+                    with writer.durable(what):
+                        if need > have:
+                            created += shards.add_files(have, need)
+                            have = need
+                        touched |= shards.pwrite_rows(start + written,
+                                                      encode_rows(chunk, meta.dtype))
                     written += len(chunk)
                     bar.update(len(chunk))
             if written != total:
                 raise ShapeError(f"got {written} rows: expected {total}")
-            shards.sync(sorted(touched))
+            with writer.durable(what):
+                shards.sync(sorted(touched))
         except BaseException:
-            shards.remove_files(created)
+            with writer.durable(what):
+                shards.remove_files(created)
             raise
-        shards.ensure_capacity(start + total)  # count and map the new shards
-        # the new rows' digests durable before the manifest commit that publishes them
-        if total:
-            writer.dirty.rehash_now(table, start, total)
-        publish_rows(writer, table, start + total)
+        with writer.durable(what):
+            shards.ensure_capacity(start + total)  # count and map the new shards
+            # the new rows' digests durable before the manifest commit that publishes them
+            if total:
+                writer.dirty.rehash_now(table, start, total)
+            publish_rows(writer, table, start + total)
 
 
 def append(writer: Writer, table: Table, rows: object, progress: ProgressArg) -> None:

@@ -8,8 +8,8 @@ it safe:
 1. commit: encode the entries, append them to the log as one group, fdatasync; only now
    is the change acknowledged. Then apply them to shards, live file and key index.
 2. checkpoint: sync the log, sync every shard written since the last checkpoint and
-   every key index, write the digests of the blocks written (``embstore.digests``), record the log end in the manifest (atomic replace), and only then
-   recycle the log segments below it.
+   every key index, write the digests of the blocks written (``embstore.digests``),
+   record the log end in the manifest (atomic replace), and only then recycle the log segments below it.
 3. recovery (writable open): replay every record since the checkpoint, repair seqlock
    counters a dead writer left odd, then checkpoint.
 
@@ -20,19 +20,21 @@ a reopen recovers everything acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from embstore.catalog import Catalog
-from embstore.errors import DurabilityError
-from embstore.fs import FileSystem
+from embstore.catalog import TABLES_DIR, Catalog
+from embstore.errors import DurabilityError, EmbstoreError
+from embstore.fs import FileSystem, refuse_link
 from embstore.log import WriteAheadLog
+from embstore.log.lost_keys import logged_keys
 from embstore.log.payload import Entry, decode_record, encode_record
 from embstore.manifest import Manifest
 from embstore.table import Table
-from embstore.writer.apply import apply_entry, reconcile_rows
+from embstore.writer.apply import apply_entry, reconcile_rows, row_limit
 from embstore.writer.changes import ChangeTrackers
 from embstore.writer.digesting import DirtyBlocks
 from embstore.writer.interrupts import GATE
@@ -63,12 +65,20 @@ class Writer:
         self.recovered_records = 0
         self._interrupted = False  # a KeyboardInterrupt was raised inside a commit
         self._scratch = bytearray(SCRATCH_BYTES)
+        for directory in (root / WAL_DIR, root / TABLES_DIR):
+            refuse_link(directory)  # the writer writes in them: never through a link
         self.log = WriteAheadLog.open(
             root / WAL_DIR, start_lsn=manifest.checkpoint_lsn, sync=settings["sync"],
             interval_ms=float(settings["sync_interval_ms"]),
             segment_bytes=int(settings["wal_segment_bytes"]), fs=fs)
         self.last_checkpoint = time.monotonic()
+        catalog.lost_keys = self.logged_keys
         GATE.open_writer()
+
+    def logged_keys(self, table: str, first: int, stop: int) -> dict[int, int | bytes]:
+        """The keys log records still on disk give rows [first, stop) of ``table``: what a
+        key index whose LMDB rolled back is restored from (``embstore.keys.restore``)."""
+        return logged_keys(self.root / WAL_DIR, table, self.manifest.strides(), first, stop)
 
     # --- commit -------------------------------------------------------------------------
 
@@ -77,6 +87,22 @@ class Writer:
             raise DurabilityError(
                 None, f"store {self.root} refuses commits after a failed write "
                 f"({self.failed}); reopen it to recover the acknowledged updates")
+
+    @contextlib.contextmanager
+    def durable(self, what: str) -> Iterator[None]:
+        """A step that writes or syncs store files outside a commit (a table's files, a
+        manifest commit, a bulk import): an OSError in it, DurabilityError included,
+        poisons the writer like a failed log write (errors.py: the store refuses further
+        commits). A failed fsync must never be retried, and what reached the disk is
+        unknown; a reopen recovers everything acknowledged."""
+        try:
+            yield
+        except OSError as exc:
+            self.failed = exc
+            if isinstance(exc, EmbstoreError):  # DurabilityError, UnsafePathError: as they are
+                raise
+            raise DurabilityError(exc.errno, f"{what} failed ({exc.strerror or exc}); store "
+                                  f"{self.root} refuses commits: reopen it to recover") from exc
 
     def _pack(self, parts: list[bytes | memoryview]) -> memoryview:
         """Concatenate into a reused buffer: a fresh 1 MiB allocation per step costs more
@@ -134,7 +160,14 @@ class Writer:
 
     def _apply(self, tables: list[Table], entries: list[Entry], lsn: int) -> None:
         for table, entry in zip(tables, entries):
-            apply_entry(table, entry, lsn, self.dirty)
+            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
+
+    def _row_limit(self, table: Table, entry: Entry) -> int:
+        """``apply.row_limit``, with a slot table's table from the catalog."""
+        owner = table.name.split("@", 1)[0]
+        parent = self.catalog.get(owner) if owner != table.name and owner in self.manifest \
+            else None
+        return row_limit(table, entry, parent)
 
     def _poison_applied(self, exc: BaseException, lsn: int) -> None:
         """The record is in the log but only partly in the shards and key index. Going on
@@ -202,7 +235,8 @@ class Writer:
         count = 0
         for lsn, payload in self.log.replay(self.manifest.checkpoint_lsn):
             for entry in decode_record(payload, strides, f"{self.root / WAL_DIR} lsn {lsn}"):
-                apply_entry(self.catalog.get(entry.table), entry, lsn, self.dirty)
+                table = self.catalog.get(entry.table)
+                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
             count += 1
         for name in self.manifest.table_names:
             table = self.catalog.get(name)

@@ -54,7 +54,8 @@ def slot_tables(writer: Writer, table: Table, opt: SparseOptimizer) -> dict[str,
             create_slot_table(writer, table, name, opt.initial_slot_value(slot))
         out[slot] = writer.catalog.get(name)
     if recorded != opt.get_config():
-        with writer.manifest.lock:
+        with writer.durable(f"recording the optimizer of table {table.name!r}"), \
+                writer.manifest.lock:
             table._meta.optimizer = opt.get_config()
             writer.manifest.commit()
     return out

@@ -43,10 +43,11 @@ def create_table(writer: Writer, name: str, meta: TableMeta) -> Table:
         writer.check_usable()
         if name in writer.manifest:
             raise StoreExistsError(f"table {name!r} already exists in {writer.root}")
-        _write_files(writer, name, meta)
-        with writer.manifest.lock:
-            writer.manifest.add_table(name, meta)
-            writer.manifest.commit()
+        with writer.durable(f"creating table {name!r}"):
+            _write_files(writer, name, meta)
+            with writer.manifest.lock:
+                writer.manifest.add_table(name, meta)
+                writer.manifest.commit()
         writer.changes.mark_whole(name)  # a snapshot under way reads it whole
     return writer.catalog.get(name)
 
@@ -77,13 +78,14 @@ def drop_table(writer: Writer, name: str) -> None:
             writer.catalog.close_table(n)
             writer.dirty.forget(n)
             writer.changes.forget(n)
-        with writer.manifest.lock:
+        with writer.durable(f"dropping table {name!r}"):
+            with writer.manifest.lock:
+                for n in doomed:
+                    writer.manifest.remove_table(n)
+                writer.manifest.commit()
             for n in doomed:
-                writer.manifest.remove_table(n)
-            writer.manifest.commit()
-        for n in doomed:
-            writer.fs.rmtree(writer.catalog.directory(n))
-        writer.fs.fsync_dir(writer.catalog.directory(name).parent)
+                writer.fs.rmtree(writer.catalog.directory(n))
+            writer.fs.fsync_dir(writer.catalog.directory(name).parent)
 
 
 def rename_table(writer: Writer, old: str, new: str) -> None:
@@ -101,7 +103,8 @@ def rename_table(writer: Writer, old: str, new: str) -> None:
             writer.dirty.rename(n, moves[n])
             writer.changes.rename(n, moves[n])
         manifest = writer.manifest
-        with manifest.lock:  # 1. the intent, durable before any directory moves
+        with writer.durable(f"renaming table {old!r}"), manifest.lock:
+            # 1. the intent, durable before any directory moves
             for src, dst in moves.items():
                 manifest.rename_table(src, dst)
             manifest.renames = {dst: src for src, dst in moves.items()}
@@ -115,11 +118,12 @@ def finish_renames(writer: Writer) -> None:
     manifest = writer.manifest
     if not manifest.renames:
         return
-    for dst, src in manifest.renames.items():
-        target, source = writer.catalog.directory(dst), writer.catalog.directory(src)
-        if not target.exists() and source.exists():
-            writer.fs.rename(source, target)
-    writer.fs.fsync_dir(writer.root / TABLES_DIR)
-    with manifest.lock:
-        manifest.renames = {}
-        manifest.commit()
+    with writer.durable("finishing a table rename"):
+        for dst, src in manifest.renames.items():
+            target, source = writer.catalog.directory(dst), writer.catalog.directory(src)
+            if not target.exists() and source.exists():
+                writer.fs.rename(source, target)
+        writer.fs.fsync_dir(writer.root / TABLES_DIR)
+        with manifest.lock:
+            manifest.renames = {}
+            manifest.commit()
