@@ -121,6 +121,9 @@ class Snapshotter:
             try:
                 with self._locked("freeze"):  # what the first pass copies; the trackers
                     writer.check_usable()
+                    # the tables as named now: one may have been dropped, created or
+                    # renamed since they were opened (then opened here; rare)
+                    tables = {n: writer.catalog.get(n) for n in writer.manifest.table_names}
                     since, frozen = changes.since, self._freeze(tables)
                     incremental = (chain_ok and since is not None and parent_m is not None
                                    and since.since == parent_m.id)
@@ -166,8 +169,10 @@ class Snapshotter:
         """Open every table and its digest state now, one brief lock each, so that the
         freeze itself reads no file."""
         tables = {}
-        for name in self.writer.manifest.table_names:
+        for name in list(self.writer.manifest.table_names):
             with self._locked():
+                if name not in self.writer.manifest:  # dropped or renamed meanwhile
+                    continue
                 table = self.writer.catalog.get(name)
                 self.writer.dirty.of(table)
             tables[name] = table

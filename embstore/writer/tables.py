@@ -68,9 +68,11 @@ def family(writer: Writer, name: str) -> list[str]:
 
 def drop_table(writer: Writer, name: str) -> None:
     """Remove a table and its slot tables: unnamed first, files deleted after."""
-    writer.wait_for_snapshots()
-    writer.checkpoint()
     with writer.lock:
+        # waited for under the lock (the wait releases it), so that no snapshot can
+        # freeze the table between the wait and the files going
+        writer.wait_for_snapshots()
+        writer.checkpoint()
         if name not in writer.manifest:
             raise TableNotFoundError(f"no table {name!r} in store {writer.root}")
         doomed = family(writer, name)
@@ -90,9 +92,9 @@ def drop_table(writer: Writer, name: str) -> None:
 
 def rename_table(writer: Writer, old: str, new: str) -> None:
     """Rename a table and its slot tables. Open handles of them are closed."""
-    writer.wait_for_snapshots()
-    writer.checkpoint()
     with writer.lock:
+        writer.wait_for_snapshots()  # under the lock, as in drop_table
+        writer.checkpoint()
         if old not in writer.manifest:
             raise TableNotFoundError(f"no table {old!r} in store {writer.root}")
         if new in writer.manifest or writer.catalog.directory(new).exists():
