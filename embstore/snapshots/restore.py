@@ -14,7 +14,6 @@ snapshot's log position.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
@@ -43,24 +42,6 @@ from embstore.storage import LIVE_NAME, SHARD_NAME, create_shard
 TABLES, WAL, INDEX = "tables", "wal", "index"
 THREADS = 2
 AHEAD = 8  # chunks decoded ahead of the writer: bounds memory to a few MiB
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def _writeback_starter() -> Callable[[int, int, int], None]:
-    """``start(fd, offset, length)``: ask the kernel to begin writing those pages back
-    now (sync_file_range WRITE: no wait, no durability promise), so the final fdatasync
-    finds little left and the disk works while chunks decode. A hint outside the file
-    seam, like madvise: durability comes from the fdatasync through the seam."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    except (OSError, AttributeError):
-        return lambda fd, offset, length: None
-    return lambda fd, offset, length: fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)
-
-
-start_writeback = _writeback_starter()
 
 
 def restore(repo: Repo, name: str, dest: Path, overwrite: bool = False,
@@ -192,7 +173,7 @@ def _build_table(repo: Repo, m: mf.Manifest, index: int, entry: mf.TableEntry,
                 fs.pwrite_all(fds[shard], data[done * stride:(done + k) * stride],
                               data_off + local * stride)
                 if k * stride >= 1 << 16:  # whole blocks: start their writeback now
-                    start_writeback(fds[shard], data_off + local * stride, k * stride)
+                    fs.start_writeback(fds[shard], data_off + local * stride, k * stride)
                 done += k
 
         def place(ref: np.void) -> int:
