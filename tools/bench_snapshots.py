@@ -3,6 +3,7 @@
     python tools/bench_snapshots.py ratios --trained /tmp/demo-store   # compression table
     python tools/bench_snapshots.py full --gb 1.0        # full/incremental/restore vs ceilings
     python tools/bench_snapshots.py full --compare-nice  # ... and a full one at nice 0
+    python tools/bench_snapshots.py phases --gb 1.0      # where a restore's time goes
     python tools/bench_snapshots.py stall --gb 1.0       # training-step stall during a snapshot
     python tools/bench_snapshots.py rss --budget-mb 300  # peak RSS, table 4x the budget
     python tools/bench_snapshots.py blocks               # block size: checkpoint, snapshot
@@ -158,8 +159,17 @@ def zstd_gbs(table: Any, level: int, threads: int = 2) -> float:
     block = CHUNK // stride
     codec = ck.codec_for(table.storage_dtype, ck.KIND_ROWS, level)
 
+    local = threading.local()
+
     def one(lo: int) -> int:
-        raw = table.read_encoded(lo, min(block, n - lo))
+        # a reused buffer per thread, as the snapshot's readers have: a fresh 1 MiB array
+        # per block pays first-touch page faults (about 0.3 GiB/s here), which would
+        # understate the ceiling
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = np.empty((block, stride), np.uint8)
+        k = min(block, n - lo)
+        raw = table.read_encoded(lo, k, out=buf[:k])
         ck.encode(raw, ck.address_of(raw), codec)
         return raw.nbytes
     t0 = time.perf_counter()
@@ -247,6 +257,58 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(repo_dir)
             shutil.rmtree(work / f"restored{rep}")
         store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["after"] = machine()
+    return res
+
+
+def phases(args: argparse.Namespace) -> dict[str, Any]:
+    """Where a restore's time goes: wall and CPU time, and the time spent inside chunk
+    read + decode and inside pwrite (summed over the pool threads) and in syncs."""
+    from embstore.fs import FileSystem
+    from embstore.snapshots.repo import Repo
+    rows = int(args.gb * 1e9) // (4 * DIM)
+    work = Path(tempfile.mkdtemp(dir=args.work))
+    res: dict[str, Any] = {"rows": rows, "before": machine(), "runs": []}
+    spent: dict[str, float] = {}
+    guard = threading.Lock()
+
+    def timing(cls: Any, name: str, key: str) -> Callable[[], None]:
+        orig = getattr(cls, name)
+
+        def timed_call(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                with guard:
+                    spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
+        setattr(cls, name, timed_call)
+        return lambda: setattr(cls, name, orig)
+    try:
+        with build_table(work / "s", rows) as store:
+            store.snapshot("a", repo=work / "repo", full=True)
+        undo = [timing(FileSystem, "pwrite_all", "pwrite_thread_s"),
+                timing(FileSystem, "fdatasync", "fdatasync_s"),
+                timing(FileSystem, "fsync", "fsync_s"),
+                timing(Repo, "read_chunk", "read_decode_thread_s")]
+        try:
+            for rep in range(args.repeats):
+                spent.clear()
+                c0, t0 = os.times(), time.perf_counter()
+                embstore.snapshots.open_repo(work / "repo").restore("a", work / f"r{rep}")
+                wall, c1 = time.perf_counter() - t0, os.times()
+                row = {"rep": rep, "gb": round(rows * 4 * DIM / 1e9, 2), "wall_s": round(wall, 2),
+                       "cpu_s": round(c1.user + c1.system - c0.user - c0.system, 2),
+                       **{k: round(v, 2) for k, v in spent.items()},
+                       "load": os.getloadavg()[0]}
+                say("phases", row)
+                res["runs"].append(row)
+                shutil.rmtree(work / f"r{rep}")
+        finally:
+            for u in undo:
+                u()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["after"] = machine()
@@ -452,7 +514,7 @@ def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["ratios", "full", "stall", "rss", "blocks", "checkpoint"])
+    p.add_argument("what", choices=["ratios", "full", "phases", "stall", "rss", "blocks", "checkpoint"])
     p.add_argument("--gb", type=float, default=1.02, help="table size (4M x 64 float32)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--level", type=int, default=DEFAULT_LEVEL)
