@@ -280,11 +280,26 @@ def test_a_read_only_store_never_creates_a_repository(tmp_path):
     with make_store(tmp_path / "s"):
         pass
     with embstore.open(tmp_path / "s") as store:
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(embstore.errors.SnapshotNotFoundError, match="no snapshot repository"):
             store.snapshots()
         with pytest.raises(embstore.errors.ReadOnlyError):
             store.snapshot("x")
     assert not (tmp_path / "s" / "snapshots").exists()
+
+
+@pytest.mark.parametrize("link", ["snapshots", "snapshots/chunks", "snapshots/snaps"])
+def test_no_snapshot_is_written_through_a_link(tmp_path, link):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with make_store(tmp_path / "s") as store:
+        if link != "snapshots":
+            store.snapshot("first")  # the repository exists; one of its directories is swapped
+            (tmp_path / "s" / link).rename(tmp_path / "moved")
+        (tmp_path / "s" / link).symlink_to(outside, target_is_directory=True)
+        before = sorted(p.name for p in outside.iterdir())
+        with pytest.raises(embstore.errors.UnsafePathError, match="symbolic link"):
+            store.snapshot("second")
+    assert sorted(p.name for p in outside.iterdir()) == before
 
 
 @settings(max_examples=12, deadline=None)

@@ -19,8 +19,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from embstore.errors import FormatError, MissingChunkError, WriterLockedError
-from embstore.fs import FileSystem
+from embstore.errors import (
+    FormatError,
+    MissingChunkError,
+    SnapshotNotFoundError,
+    WriterLockedError,
+)
+from embstore.fs import FileSystem, refuse_link
 from embstore.snapshots.names import check_snapshot_name, is_address
 
 REPO_FILE = "REPO"
@@ -40,10 +45,13 @@ class DirectoryBackend:
         self.root, self.fs = Path(root), fs
         self.chunks, self.snaps = self.root / CHUNKS, self.root / SNAPS
         ident = self.root / REPO_FILE
+        if create:  # O_NOFOLLOW guards file names only: no linked directory either
+            for d in (self.root, self.chunks, self.snaps):
+                refuse_link(d)
         if not ident.is_file():
             if not create:
-                raise FileNotFoundError(f"no snapshot repository at {self.root} (no "
-                                        f"{REPO_FILE} file)")
+                raise SnapshotNotFoundError(f"no snapshot repository at {self.root} (no "
+                                            f"{REPO_FILE} file)")
             for d in (self.root, self.chunks, self.snaps):
                 fs.mkdir(d, parents=True, exist_ok=True)
             fs.fsync_dir(self.root)
