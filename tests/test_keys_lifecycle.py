@@ -866,3 +866,30 @@ def test_check_reports_a_free_row_that_a_key_also_holds(tmp_path):
         faults = [f.message for f in ro.check()]
     # LMDB now accounts for 4 rows, keys.bin for 3, and no rebuild can be one-to-one
     assert any("free list are not one-to-one" in m for m in faults), faults
+
+
+# --- known gap: snapshots (main's snapshot code predates deletion) ------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="embstore/snapshots assumes keys are never removed "
+                   "or changed (keys_copy.py): free rows hold TOMBSTONE in keys.bin and are "
+                   "absent from key2row, so a snapshot of a table with deletions fails to "
+                   "restore; reusing a parent's full key chunk after in-place changes would "
+                   "be wrong. Needs the snapshot code to read the free list and the keys "
+                   "file generation (docs/KEYS.md, 'Snapshots').")
+@pytest.mark.parametrize("key_type", ["int64", "bytes"])
+def test_snapshot_of_a_table_with_deleted_keys_restores_it(tmp_path, key_type):
+    def mk(xs):
+        return [str(x).encode() for x in xs] if key_type == "bytes" else np.array(xs)
+    with keyed_store(tmp_path / "s", key_type=key_type, missing="zeros") as store:
+        t = store["t"]
+        t.insert(mk(range(10)), np.arange(40, dtype=np.float32).reshape(10, DIM))
+        store.snapshot("one")
+        t.delete(mk([2, 5]))
+        t.insert(mk([100]), np.full((1, DIM), 7.0, np.float32))
+        store.snapshot("two")
+        store.snapshots().restore("two", tmp_path / "r")
+    with embstore.open(tmp_path / "r") as restored:
+        r = restored["t"]
+        assert sorted(r.keys()) == sorted(mk([0, 1, 3, 4, 6, 7, 8, 9, 100]))
+        np.testing.assert_array_equal(r.gather(mk([100])), np.full((1, DIM), 7.0))
