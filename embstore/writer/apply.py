@@ -1,5 +1,5 @@
-"""Applying logged rows to a table (shards, live file, key index), and tracking which
-shards hold rows that are not durable yet.
+"""Applying logged rows to a table (shards, live file, key index), marking the blocks
+they write (``digesting.DirtyBlocks``: synced and rehashed at the next checkpoint).
 
 Called for every commit after its record is durable in the log, and by recovery for
 every record since the last checkpoint: applying an entry twice gives the same table
@@ -13,37 +13,7 @@ import numpy as np
 from embstore.errors import CorruptLogError
 from embstore.log.payload import Entry
 from embstore.table import Table
-
-
-class DirtyShards:
-    """Per table, the shards written since the last checkpoint: the checkpoint syncs only
-    these, so a table of thousands of shards that trained on a few costs a few
-    fdatasyncs, not thousands. A shard leaves the set only once its sync succeeded; a
-    shard missed here would lose its rows at the checkpoint that recycles their log
-    records."""
-
-    def __init__(self) -> None:
-        self._by_table: dict[str, set[int]] = {}
-
-    def add(self, table: str, shards: object) -> None:
-        self._by_table.setdefault(table, set()).update(shards)  # type: ignore[arg-type]
-
-    def add_all(self, table: Table) -> None:
-        self.add(table.name, range(table._meta.num_shards))
-
-    def sync(self, table: Table) -> None:
-        dirty = self._by_table.get(table.name)
-        while dirty:
-            index = min(dirty)
-            table._shards.sync([index])
-            dirty.discard(index)
-
-    def forget(self, table: str) -> None:
-        self._by_table.pop(table, None)
-
-    def rename(self, old: str, new: str) -> None:
-        if old in self._by_table:
-            self._by_table[new] = self._by_table.pop(old)
+from embstore.writer.digesting import DirtyBlocks
 
 
 def row_limit(table: Table, entry: Entry, parent: Table | None) -> int:
@@ -61,13 +31,25 @@ def row_limit(table: Table, entry: Entry, parent: Table | None) -> int:
     return base + (len(entry.rows) if entry.index_keys is not None else 0)
 
 
-def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyShards,
-                limit: int | None = None, keep: np.ndarray | None = None) -> None:
+def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyBlocks,
+                limit: int | None = None, end_lsn: int = 0,
+                keep: np.ndarray | None = None) -> None:
     """Copy logged rows into the table (and its key index), growing it if needed, never
-    beyond ``limit`` rows (``row_limit``; CorruptLogError, nothing written). ``keep``
-    (recovery, ``replay.rows_to_write``) masks the rows whose values are written; the
-    table grows, the step moves and the keys are recorded as for the whole entry."""
+    beyond ``limit`` rows (``row_limit``; CorruptLogError, nothing written).
+
+    ``end_lsn``: the log position just past the record. The key index records it with
+    the keys it changes and skips a record it already holds: replaying an old insert
+    after a later deletion freed and reused its row must not give the row back.
+    ``keep`` (recovery, ``replay.rows_to_write``) masks the rows whose values are
+    written; the table grows, the step moves and the keys are recorded as for the whole
+    entry."""
     meta, shards, rows = table._meta, table._shards, entry.rows
+    index = table._index
+    index_due = index is not None and (not end_lsn or end_lsn > index.applied_lsn)
+    if entry.deleted:
+        if index_due and index is not None:
+            index.remove(entry.index_keys, end_lsn)
+        return
     top = int(rows.max()) + 1 if len(rows) else 0
     if len(rows) and int(rows.min()) < 0:
         raise CorruptLogError(f"log record at LSN {lsn}: negative row id {int(rows.min())} "
@@ -81,7 +63,7 @@ def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyShards,
         shards.ensure_capacity(top)
     write, encoded = (rows, entry.encoded) if keep is None else (rows[keep], entry.encoded[keep])
     # marked before the write: a failed scatter may have written some rows
-    dirty.add(table.name, shards.shards_of(write))
+    dirty.mark_rows(table, write)
     rc = shards.source.scatter(write, encoded) if len(write) else -1
     if rc != -1:
         raise CorruptLogError(f"row id {int(write[rc])} out of range for table {table.name!r}")
@@ -93,8 +75,8 @@ def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyShards,
     # Keys last: a reader that finds a new key in the index must find its row written and
     # published (the other order let readers fail with IdOutOfRangeError in between).
     keys = entry.index_keys
-    if keys is not None and table._index is not None:
-        table._index.assign(keys, rows)
+    if keys is not None and index is not None and index_due:
+        index.assign(keys, rows, end_lsn)
 
 
 def reconcile_rows(table: Table, checkpoint_lsn: int) -> None:

@@ -8,8 +8,8 @@ it safe:
 1. commit: encode the entries, append them to the log as one group, fdatasync; only now
    is the change acknowledged. Then apply them to shards, live file and key index.
 2. checkpoint: sync the log, sync every shard written since the last checkpoint and
-   every key index, record the log end in the manifest (atomic replace), and only then
-   recycle the log segments below it.
+   every key index, write the digests of the blocks written (``embstore.digests``),
+   record the log end in the manifest (atomic replace), and only then recycle the log segments below it.
 3. recovery (writable open): replay every record since the checkpoint, repair seqlock
    counters a dead writer left odd, then checkpoint.
 
@@ -24,7 +24,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from embstore.catalog import TABLES_DIR, Catalog
 from embstore.errors import DurabilityError, as_durability_error
@@ -32,9 +32,12 @@ from embstore.fs import FileSystem, refuse_link
 from embstore.log import WriteAheadLog
 from embstore.log.lost_keys import logged_keys
 from embstore.log.payload import Entry, decode_record, encode_record
+from embstore.log.segments import frame_size
 from embstore.manifest import Manifest
 from embstore.table import Table
-from embstore.writer.apply import DirtyShards, apply_entry, reconcile_rows, row_limit
+from embstore.writer.apply import apply_entry, reconcile_rows, row_limit
+from embstore.writer.changes import ChangeTrackers
+from embstore.writer.digesting import DirtyBlocks
 from embstore.writer.interrupts import GATE
 from embstore.writer.replay import ReplayPlan, rows_to_write
 
@@ -47,7 +50,7 @@ ROTATE_BYTES = 8 << 20
 
 
 class Writer:
-    """Owns what writing needs: the lock, the log, the failure state, dirty shards."""
+    """Owns what writing needs: the lock, the log, the failure state, dirty blocks."""
 
     def __init__(self, root: Path, manifest: Manifest, catalog: Catalog,
                  settings: dict[str, Any], fs: FileSystem, lock_fd: int) -> None:
@@ -57,8 +60,14 @@ class Writer:
         self.lock = threading.RLock()  # one commit, step or checkpoint at a time
         self._lock_fd: int | None = lock_fd
         self.failed: BaseException | None = None
-        self.dirty = DirtyShards()
+        self.changes = ChangeTrackers()  # rows changed, for snapshots (writer.changes)
+        self.dirty = DirtyBlocks(fs, self.changes)
+        # notified when a snapshot stops copying rows: drop and rename wait for it
+        self.snapshot_done = threading.Condition(self.lock)
         self.recovered_records = 0
+        # run at the start of every checkpoint (scheduled eviction), never re-entered
+        self.before_checkpoint: list[Callable[[], None]] = []
+        self._in_hooks = False
         self._interrupted = False  # a KeyboardInterrupt was raised inside a commit
         self._scratch = bytearray(SCRATCH_BYTES)
         for directory in (root / WAL_DIR, root / TABLES_DIR):
@@ -168,7 +177,8 @@ class Writer:
 
     def _apply(self, tables: list[Table], entries: list[Entry], lsn: int) -> None:
         for table, entry in zip(tables, entries):
-            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
+            # the LSN a commit returns is the one just past its record
+            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), lsn)
 
     def _row_limit(self, table: Table, entry: Entry) -> int:
         """``apply.row_limit``, with a slot table's table from the catalog."""
@@ -187,6 +197,13 @@ class Writer:
                                   f"applied ({exc}); reopen the store") from exc
         raise exc
 
+    def wait_for_snapshots(self) -> None:
+        """Block until no snapshot is copying rows (table drop and rename: a snapshot
+        reads the tables it froze until it is done)."""
+        with self.lock:
+            while self.changes.copying:
+                self.snapshot_done.wait()
+
     def maybe_checkpoint(self) -> None:
         s = self.settings
         grown = self.log.end_lsn - self.manifest.checkpoint_lsn
@@ -201,11 +218,21 @@ class Writer:
         with self.lock:
             if self.failed is not None:
                 raise DurabilityError(None, f"cannot checkpoint after a failed write ({self.failed})")
+            if not self._in_hooks:  # a hook's own commits may checkpoint: no recursion
+                self._in_hooks = True
+                try:
+                    for hook in self.before_checkpoint:
+                        hook()
+                finally:
+                    self._in_hooks = False
             self.log.sync()
             lsn = self.log.end_lsn
             try:
-                for table in self.catalog.open_tables():
-                    self.dirty.sync(table)
+                tables = self.catalog.open_tables()
+                # shards synced, and the digests of the blocks written since the last
+                # checkpoint durable, before the manifest lets their log records go
+                self.dirty.checkpoint(tables, lsn)
+                for table in tables:
                     if table._index is not None:
                         table._index.sync()
                 # the manifest names the log position only once the shards hold it all
@@ -226,32 +253,47 @@ class Writer:
 
     # --- recovery -----------------------------------------------------------------------
 
-    def _records(self) -> Iterator[tuple[int, list[Entry]]]:
+    def _records(self) -> Iterator[tuple[int, int, list[Entry]]]:
+        """(LSN, the LSN just past it, entries) of every record since the checkpoint."""
         strides = self.manifest.strides()
         for lsn, payload in self.log.replay(self.manifest.checkpoint_lsn):
-            yield lsn, decode_record(payload, strides, f"{self.root / WAL_DIR} lsn {lsn}")
+            yield (lsn, lsn + frame_size(len(payload)),
+                   decode_record(payload, strides, f"{self.root / WAL_DIR} lsn {lsn}"))
 
     def recover(self) -> int:
         """Replay every record since the last checkpoint, then checkpoint. Returns the
         number of records replayed. Each row is written once, from the newest record that
         holds it (``replay``): readers with the store open never see a row go back."""
-        plan = ReplayPlan(entries for _, entries in self._records())
+        plan = ReplayPlan(entries for _, _, entries in self._records())
         count = 0
-        for count, (lsn, entries) in enumerate(self._records(), 1):
+        self._clamp_index_lsns()
+        for count, (lsn, end, entries) in enumerate(self._records(), 1):
             for entry in entries:
                 table = self.catalog.get(entry.table)
                 index = table._index
-                keep = rows_to_write(plan, entry, count - 1,
-                                     index.count if index is not None else None)
-                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), keep)
+                # the index has not applied this record: its new keys' rows are written
+                unapplied = index is not None and end > index.applied_lsn
+                keep = rows_to_write(plan, entry, count - 1, unapplied)
+                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry),
+                            end, keep)
         for name in self.manifest.table_names:
             table = self.catalog.get(name)
             if table._shards.source.repair_seq():
-                self.dirty.add_all(table)  # counters rewritten in place
+                self.dirty.add_all_shards(table)  # counters rewritten in place
             reconcile_rows(table, self.manifest.checkpoint_lsn)
         self.recovered_records = count
         self.checkpoint()
         return count
+
+    def _clamp_index_lsns(self) -> None:
+        """A key index that recorded a log position past the log's end applied records
+        the log lost (sync other than "step" acknowledges before fdatasync): the records
+        that reuse those positions are new and must be applied, so the index's position
+        comes back to the log's end first."""
+        for name in self.manifest.table_names:
+            index = self.catalog.get(name)._index
+            if index is not None and index.applied_lsn > self.log.end_lsn:
+                index.set_applied_lsn(self.log.end_lsn)
 
     # --- closing ------------------------------------------------------------------------
 

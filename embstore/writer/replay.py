@@ -9,11 +9,12 @@ hold full row values, so only the last record that writes a row matters for its 
 value; the plan finds it in a first pass over the log, and the second pass writes a row
 only from that record.
 
-One exception keeps keys safe: a row that a record gives to a key the index does not
-hold yet is written by that record too, before the key is recorded (keys last, as in a
-commit). The dead writer never recorded that key, so it never applied this record
-whole, nor any later one: the row holds its initial value or this record's, never a
-newer one, and writing this record's value cannot go back in time.
+One exception keeps keys safe: a record carrying keys that the key index has not
+applied yet (its ``applied_lsn`` is below the record's end) has all its rows written,
+before the keys are recorded (keys last, as in a commit). The dead writer never finished
+that record, so it applied no later one either: its rows hold older values or this
+record's, never newer ones, and writing this record's values cannot go back in time.
+Deletions write no rows and take no part in the plan.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class ReplayPlan:
         ords: dict[str, list[np.ndarray]] = {}
         for ordinal, entries in enumerate(records):
             for e in entries:
+                if e.deleted:
+                    continue
                 rows.setdefault(e.table, []).append(e.rows)
                 ords.setdefault(e.table, []).append(np.full(len(e.rows), ordinal, np.int64))
         # 16 bytes per logged row: less than the log itself holds for it (id and row)
@@ -52,11 +55,11 @@ class ReplayPlan:
 
 
 def rows_to_write(plan: ReplayPlan, entry: Entry, ordinal: int,
-                  key_count: int | None) -> np.ndarray | None:
+                  unapplied: bool) -> np.ndarray | None:
     """The mask of ``entry``'s rows that replay writes (None: all of them): the rows no
-    later record writes, and the rows of keys the index does not hold yet
-    (``key_count``: the index's key count before this entry; keys take rows in order)."""
+    later record writes, or every row where the entry carries keys the index has not
+    applied (``unapplied``)."""
+    if entry.deleted or (unapplied and entry.index_keys is not None):
+        return None
     keep = plan.newest(entry, ordinal)
-    if entry.index_keys is not None and key_count is not None:
-        keep |= entry.rows >= key_count
     return None if keep.all() else keep
