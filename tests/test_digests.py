@@ -140,6 +140,19 @@ def test_deep_check_names_rows_flipped_at_rest_in_dense_slot_and_keyed_tables(tm
     assert code == 1
 
 
+def test_deep_check_of_a_cut_shard_reports_it_instead_of_raising(tmp_path):
+    """Found by the torture suite (T4, shard cuts): hashing a shard shorter than its rows
+    raised a bare OSError (EIO from the native reader) out of check_store."""
+    root = tmp_path / "s"
+    with create_store(root) as store:
+        store.create_table("t", 8, data=random_rows(5000, 8), rows_per_shard=4096)
+    shard = root / "tables" / "t" / "shard-000000.emb"
+    os.truncate(shard, shard.stat().st_size // 2)
+    faults = check_store(root, deep=True)
+    assert any(f.kind == "unreadable" and f.fatal for f in faults), [str(f) for f in faults]
+    assert cli_main(["check", str(root), "--deep"]) == 1
+
+
 def test_rows_written_since_the_checkpoint_are_not_reported(tmp_path):
     """A live writer's (or a crashed writer's) rows differ from the digests until the next
     checkpoint: the log from the checkpoint on explains them."""
