@@ -15,6 +15,7 @@ import numpy as np
 
 import embstore
 from embstore.log.payload import decode_record
+from embstore.log.segments import frame_size
 from embstore.writer import core
 from embstore.writer.apply import apply_entry, reconcile_rows
 
@@ -23,15 +24,17 @@ def old_recover(self: core.Writer) -> int:
     """The peer: Writer.recover as it was before (every record applied in order)."""
     strides = self.manifest.strides()
     count = 0
+    self._clamp_index_lsns()
     for lsn, payload in self.log.replay(self.manifest.checkpoint_lsn):
+        end = lsn + frame_size(len(payload))
         for entry in decode_record(payload, strides, f"lsn {lsn}"):
             table = self.catalog.get(entry.table)
-            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
+            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), end)
         count += 1
     for name in self.manifest.table_names:
         table = self.catalog.get(name)
         if table._shards.source.repair_seq():
-            self.dirty.add_all(table)
+            self.dirty.add_all_shards(table)
         reconcile_rows(table, self.manifest.checkpoint_lsn)
     self.recovered_records = count
     self.checkpoint()
