@@ -258,6 +258,7 @@ def test_forced_collision_raises_and_writes_nothing(tmp_path, monkeypatch):
     weak = lambda raw: np.array([len(b) for b in raw], np.int64)  # noqa: E731 (weak on purpose)
     monkeypatch.setattr(index, "hash_bytes_keys", weak)
     monkeypatch.setattr(record, "hash_bytes_keys", weak)
+    monkeypatch.setattr(convert, "hash_bytes_keys", weak)  # new keys are hashed there
     with KeyIndex.create(tmp_path / "b", key_type="bytes") as ix:
         ix.assign([b"ab", b"xyz"], [0, 1])
         with pytest.raises(KeyCollisionError, match="same 64-bit hash"):

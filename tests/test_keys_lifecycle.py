@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -868,28 +869,65 @@ def test_check_reports_a_free_row_that_a_key_also_holds(tmp_path):
     assert any("free list are not one-to-one" in m for m in faults), faults
 
 
-# --- known gap: snapshots (main's snapshot code predates deletion) ------------------------
+# --- snapshots of tables that deleted keys -----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="embstore/snapshots assumes keys are never removed "
-                   "or changed (keys_copy.py): free rows hold TOMBSTONE in keys.bin and are "
-                   "absent from key2row, so a snapshot of a table with deletions fails to "
-                   "restore; reusing a parent's full key chunk after in-place changes would "
-                   "be wrong. Needs the snapshot code to read the free list and the keys "
-                   "file generation (docs/KEYS.md, 'Snapshots').")
 @pytest.mark.parametrize("key_type", ["int64", "bytes"])
 def test_snapshot_of_a_table_with_deleted_keys_restores_it(tmp_path, key_type):
     def mk(xs):
         return [str(x).encode() for x in xs] if key_type == "bytes" else np.array(xs)
+    rows = np.arange(40, dtype=np.float32).reshape(10, DIM)
     with keyed_store(tmp_path / "s", key_type=key_type, missing="zeros") as store:
         t = store["t"]
-        t.insert(mk(range(10)), np.arange(40, dtype=np.float32).reshape(10, DIM))
+        t.insert(mk(range(10)), rows)
         store.snapshot("one")
         t.delete(mk([2, 5]))
-        t.insert(mk([100]), np.full((1, DIM), 7.0, np.float32))
+        t.insert(mk([100]), np.full((1, DIM), 7.0, np.float32))  # takes row 2; row 5 free
         store.snapshot("two")
-        store.snapshots().restore("two", tmp_path / "r")
+        t.delete(mk([0]))  # incremental over "two", which must not reuse stale key chunks
+        store.snapshot("three")
+        repo = store.snapshots()
+        for name in ("one", "two", "three"):
+            repo.restore(name, tmp_path / name)
+    with embstore.open(tmp_path / "one") as restored:
+        assert sorted(restored["t"].keys()) == sorted(mk(range(10)))
+        np.testing.assert_array_equal(restored["t"].gather(mk(range(10))), rows)
+    for name, gone in (("two", [2, 5]), ("three", [0, 2, 5])):
+        live = [x for x in range(10) if x not in gone] + [100]
+        with embstore.open(tmp_path / name, mode="r+") as restored:
+            r = restored["t"]
+            assert restored.check() == []
+            assert sorted(r.keys()) == sorted(mk(live))
+            np.testing.assert_array_equal(r.gather(mk([100])), np.full((1, DIM), 7.0))
+            np.testing.assert_array_equal(r.gather(mk([1, 9])), rows[[1, 9]])
+            np.testing.assert_array_equal(r.gather(mk(gone)), np.zeros((len(gone), DIM)))
+            # the free list came back: new keys take the free rows (key 100 took one of
+            # the rows ``gone`` left), the table does not grow
+            free = len(gone) - 1
+            r.insert(mk([200 + i for i in range(free)]), np.ones((free, DIM), np.float32))
+            assert len(r) == 10 and restored.check() == []
+
+
+def test_keys_deleted_while_a_snapshot_copies_them_make_no_snapshot(tmp_path, monkeypatch):
+    import embstore.snapshots.create as create_mod
+    with keyed_store(tmp_path / "s", key_type="int64", missing="zeros") as store:
+        t = store["t"]
+        t.insert(np.arange(10), np.ones((10, DIM), np.float32))
+        t.delete([3])  # generation > 0: the keys are read again by every snapshot
+        real = create_mod.copy_keys
+
+        def copy_then_delete(*args, **kwargs):
+            out = real(*args, **kwargs)
+            worker = threading.Thread(target=t.delete, args=([4],))
+            worker.start()
+            worker.join(timeout=60)
+            return out
+        monkeypatch.setattr(create_mod, "copy_keys", copy_then_delete)
+        with pytest.raises(embstore.errors.SnapshotConflictError, match="retry"):
+            store.snapshot("racy")
+        assert "racy" not in store.snapshots()
+        monkeypatch.setattr(create_mod, "copy_keys", real)
+        store.snapshot("calm")
+        store.snapshots().restore("calm", tmp_path / "r")
     with embstore.open(tmp_path / "r") as restored:
-        r = restored["t"]
-        assert sorted(r.keys()) == sorted(mk([0, 1, 3, 4, 6, 7, 8, 9, 100]))
-        np.testing.assert_array_equal(r.gather(mk([100])), np.full((1, DIM), 7.0))
+        assert sorted(restored["t"].keys()) == [0, 1, 2, 5, 6, 7, 8, 9]

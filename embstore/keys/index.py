@@ -37,11 +37,11 @@ from embstore.errors import (
 )
 from embstore.fs import REAL, FileSystem
 from embstore.keys.convert import (
-    MAX_BYTES_KEY,
     as_bytes_list,
     as_int_keys,
     hash_bytes_keys,
     keys_to_int64,
+    new_bytes_key_hashes,
 )
 from embstore.keys.keyfile import (
     HEADER_SIZE,
@@ -354,6 +354,12 @@ class KeyIndex(IndexInspection, IndexLifecycle):
         """Keys recorded (as of the last assign or refresh)."""
         return self._count
 
+    @property
+    def generation(self) -> int:
+        """In-place changes of keys.bin so far (rows freed or reused; 0: the keys of rows
+        below ``count`` never changed, so a copy of them stays true)."""
+        return self._generation
+
     def to_int64(self, keys: Any) -> np.ndarray:
         """Keys in int64 form, same shape: int keys as they are, bytes/str keys hashed."""
         return keys_to_int64(self.key_type, keys)
@@ -422,10 +428,7 @@ class KeyIndex(IndexInspection, IndexLifecycle):
             raw: list[bytes] | None = None
             if self.key_type == "bytes":
                 raw, _ = as_bytes_list(keys)
-                for b in raw:
-                    if not 1 <= len(b) <= MAX_BYTES_KEY:
-                        raise InvalidArgumentError(f"bytes keys must be 1..{MAX_BYTES_KEY} bytes, got {len(b)}")
-                k = hash_bytes_keys(raw)
+                k = new_bytes_key_hashes(raw)
             else:
                 k = self.to_int64(keys).reshape(-1)
             r = as_int_keys(rows, "rows").reshape(-1)

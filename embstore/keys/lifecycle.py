@@ -10,8 +10,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from embstore.errors import DurabilityError
-from embstore.keys.convert import as_bytes_list, as_int_keys, encode_int_key
+from embstore.errors import DurabilityError, InvalidArgumentError
+from embstore.keys.assign import new_mapping
+from embstore.keys.convert import (
+    as_bytes_list,
+    as_int_keys,
+    encode_int_key,
+    new_bytes_key_hashes,
+)
 from embstore.keys.keyfile import HEADER_SIZE, TOMBSTONE, pack_header
 
 
@@ -143,6 +149,43 @@ class IndexLifecycle:
                 if self._free is not None:
                     self._free = np.union1d(self._free, freed)
             return rows
+
+    def restore_rows(self, keys: Any, free: np.ndarray) -> None:
+        """Append ``len(keys)`` rows from ``count`` on as a restored snapshot holds them:
+        row ``count + i`` gets ``keys[i]``, except the positions ``free`` (ascending), which
+        go on the free list (TOMBSTONE in keys.bin; whatever ``keys`` holds there is
+        ignored). One synced LMDB transaction; no tombstone records (nothing was deleted
+        here). The keys are checked as ``assign`` checks new keys."""
+        with self._mutex:
+            self._check_writable()
+            n = len(keys)
+            live = np.ones(n, bool)
+            live[np.asarray(free, np.int64)] = False
+            at = np.flatnonzero(live)
+            raw: list[bytes] | None = None
+            if self.key_type == "bytes":
+                raw, _ = as_bytes_list([keys[i] for i in at.tolist()])
+                k = new_bytes_key_hashes(raw)
+            else:
+                k = self.to_int64(np.asarray(keys)[at]).reshape(-1)
+            count = self._count
+            self._ensure_hash()
+            found = self.lookup(k)
+            if (found >= 0).any():
+                raise InvalidArgumentError("a restored key is already in the index")
+            # validated as new keys at rows count.. (compacted), then placed at their rows
+            uk, ur, lkeys = new_mapping(k, np.arange(count, count + k.size), raw,
+                                        np.arange(k.size), count, np.zeros(0, np.int64))
+            rows = count + at[ur - count]
+            freed = (count + np.flatnonzero(~live)).tolist()
+            self._record.put([(lk, struct.pack("<Q", int(r))) for lk, r in zip(lkeys, rows)],
+                             [], 0, freed)
+            every = np.full(n, TOMBSTONE, np.int64)
+            every[rows - count] = uk
+            self._write_keys(np.zeros(0, np.int64), np.zeros(0, np.int64), every)
+            if self._free is not None and freed:
+                self._free = np.union1d(self._free, np.array(freed, np.int64))
+            self._ensure_hash()
 
     def _take_free(self, rows: np.ndarray) -> None:
         assert self._free is not None  # loaded by free_rows() in assign

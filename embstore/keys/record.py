@@ -422,12 +422,12 @@ class KeyRecord:
         return k, r, (raw if is_bytes else None), bad
 
     def put(self, items: list[tuple[bytes, bytes]], reused: list[int] = (),  # type: ignore[assignment]
-            lsn: int = 0) -> None:
+            lsn: int = 0, freed: list[int] = ()) -> None:  # type: ignore[assignment]
         """Add new key -> row entries in one synced transaction (taking ``reused`` rows
-        off the free list, recording ``lsn`` as applied); a full map is grown. A
-        failed commit (lmdb.DiskError on a full disk...) is a typed error: DurabilityError,
-        which poisons the writer like any failed write."""
-        self._commit("commit new keys", lambda: self._put(items, reused, lsn))
+        off the free list, putting ``freed`` rows on it, recording ``lsn`` as applied); a
+        full map is grown. A failed commit (lmdb.DiskError on a full disk...) is a typed
+        error: DurabilityError, which poisons the writer like any failed write."""
+        self._commit("commit new keys", lambda: self._put(items, reused, lsn, freed))
 
     def remove(self, raw: list[bytes], lsn: int = 0) -> list[int | None]:
         """Delete keys, putting their rows on the free list, in one synced transaction;
@@ -476,9 +476,13 @@ class KeyRecord:
         raise DurabilityError(None, f"{self.path}: LMDB map still full after {MAP_GROWTHS} "
                               "doublings; pass a larger map_size=")
 
-    def _put(self, items: list[tuple[bytes, bytes]], reused: list[int], lsn: int) -> None:
+    def _put(self, items: list[tuple[bytes, bytes]], reused: list[int], lsn: int,
+             freed: list[int] = ()) -> None:  # type: ignore[assignment]
         e = self._e
         with e.env.begin(write=True, db=e.rows) as txn:
+            if freed:  # rows that start free (a restored snapshot's): a version-2 index
+                txn.cursor(db=e.free).putmulti([(row_key(r), b"") for r in freed])
+                txn.put(b"version", str(FORMAT_VERSION).encode(), db=e.meta)
             added = txn.cursor().putmulti(items, overwrite=False)[1]
             if added != len(items):
                 raise FormatError(f"{len(items) - added} new keys already exist in LMDB but "
