@@ -34,6 +34,7 @@ from embstore.log.lost_keys import logged_keys
 from embstore.log.payload import Entry, decode_record, encode_record
 from embstore.manifest import Manifest
 from embstore.table import Table
+from embstore.writer.versions import VersionKeeper
 from embstore.writer.apply import DirtyShards, apply_entry, reconcile_rows, row_limit
 from embstore.writer.interrupts import GATE
 
@@ -68,6 +69,11 @@ class Writer:
             segment_bytes=int(settings["wal_segment_bytes"]), fs=fs)
         self.last_checkpoint = time.monotonic()
         catalog.lost_keys = self.logged_keys
+        # values of overwritten rows, for readers that serve whole versions
+        self.versions: VersionKeeper | None = None
+        if settings.get("serve_versions"):
+            self.versions = VersionKeeper(root, fs, catalog)
+            self.versions.start(manifest.checkpoint_lsn)
         GATE.open_writer()
 
     def logged_keys(self, table: str, first: int, stop: int) -> dict[int, int | bytes]:
@@ -155,7 +161,12 @@ class Writer:
 
     def _apply(self, tables: list[Table], entries: list[Entry], lsn: int) -> None:
         for table, entry in zip(tables, entries):
-            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
+            self._apply_one(table, entry, lsn)
+
+    def _apply_one(self, table: Table, entry: Entry, lsn: int) -> None:
+        if self.versions is not None:  # the old values are kept before they go
+            self.versions.before_apply(table, entry.rows)
+        apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
 
     def _row_limit(self, table: Table, entry: Entry) -> int:
         """``apply.row_limit``, with a slot table's table from the catalog."""
@@ -209,6 +220,9 @@ class Writer:
                 self.log.rotate()
             self.log.recycle(lsn)
             self.last_checkpoint = time.monotonic()
+            if self.versions is not None:
+                with self.durable("publishing a served version"):
+                    self.versions.roll(lsn)
             return lsn
 
     # --- recovery -----------------------------------------------------------------------
@@ -220,8 +234,7 @@ class Writer:
         count = 0
         for lsn, payload in self.log.replay(self.manifest.checkpoint_lsn):
             for entry in decode_record(payload, strides, f"{self.root / WAL_DIR} lsn {lsn}"):
-                table = self.catalog.get(entry.table)
-                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
+                self._apply_one(self.catalog.get(entry.table), entry, lsn)
             count += 1
         for name in self.manifest.table_names:
             table = self.catalog.get(name)
@@ -243,11 +256,15 @@ class Writer:
                     self.checkpoint()
             finally:
                 self.log.close()
+                if self.versions is not None:
+                    self.versions.close()
 
     def abandon(self) -> None:
         """Close the log without a checkpoint (a failed open): write nothing more."""
         with self.lock:
             self.log.close()
+            if self.versions is not None:
+                self.versions.close()
 
     def release_lock(self) -> None:
         if self._lock_fd is not None:
