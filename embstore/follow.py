@@ -102,8 +102,9 @@ class Follower:
         return self._current
 
     def _switch(self) -> None:
+        """Drop the current version; another thread's call may still read it, so its
+        files close when the last reference goes (UndoReader.__del__)."""
         if self._current is not None:
-            self._current.close()
             self._current = None
             self.switches += 1
 
@@ -130,6 +131,28 @@ class Follower:
                     self._switch()
         raise VersionChurnError(f"store {self.root}: {MAX_SWITCHES} versions were published "
                                 "while one batch was served")
+
+    # --- one gather at a time, a whole call checked by its caller (TensorFlow) ---------
+
+    def begin(self) -> int:
+        """Move to the newest version and return its number: a caller serving a batch
+        through several ``gather`` calls (one per table, as a model's ops do) takes the
+        batch as served only if ``still(number)`` after its last gather."""
+        with self._lock:
+            if self._current is not None and self.published() != self._current.number:
+                self._switch()
+            return self._version().number
+
+    def still(self, number: int) -> bool:
+        """No version newer than ``number`` was published: every gather since
+        ``begin()`` returned ``number`` served that version."""
+        return self.published() == number
+
+    def gather(self, name: str, ids: Any) -> np.ndarray:
+        """Rows of one table from the current version (see ``begin``)."""
+        with self._lock:
+            version = self._version()
+        return self._gather(version, name, ids)
 
     def _gather(self, version: Version, name: str, ids: Any) -> np.ndarray:
         undo = version.undo.get(name)

@@ -230,6 +230,9 @@ class UndoReader:
             os.close(self.fd)
             self.fd = None
 
+    def __del__(self) -> None:
+        self.close()
+
 
 def check_ids_at(ids: np.ndarray, rows: int, table: str) -> None:
     """A reader of version v serves only rows that existed at v."""
