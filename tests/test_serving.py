@@ -163,3 +163,66 @@ def test_a_million_batches_switching_versions_see_no_mix():
     got = race(500_000)
     assert got["batches"] == 1_000_000, got
     assert (got["mixed"], got["torn"], got["backwards"], got["writer_exit"]) == (0, 0, 0, 0)
+
+
+# --- switching to another store directory (a release, a restored snapshot) -----------
+
+
+def two_releases(tmp_path):
+    for value in (1, 2):
+        with embstore.create(tmp_path / f"r{value}") as store:
+            store.create_table("a", 4, data=full(64, 4, value))
+            store.create_table("b", 2, data=full(64, 2, value))
+    return tmp_path / "r1", tmp_path / "r2"
+
+
+def test_switching_stores_under_traffic_serves_each_batch_from_one(tmp_path):
+    import threading
+    from embstore.serving import Serving
+    r1, r2 = two_releases(tmp_path)
+    prepared = []
+    serving = Serving(r1, cache_bytes=1 << 16, prepare=lambda s: prepared.append(s.path))
+    stop, bad, served = threading.Event(), [], [0]
+
+    def client(seed):
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            (path, _), rows = serving.lookup({"a": rng.integers(0, 64, 16),
+                                              "b": rng.integers(0, 64, 16)})
+            want = 1 if path == str(r1) else 2
+            if not ((rows["a"] == want).all() and (rows["b"] == want).all()):
+                bad.append(path)
+            served[0] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(100):
+        serving.switch_to(r2 if i % 2 == 0 else r1)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert bad == [] and served[0] > 0
+    assert serving.switches == 100 and len(prepared) == 101  # every store before traffic
+    assert serving.path == r1
+    serving.close()
+    with pytest.raises(embstore.errors.StoreClosedError):
+        serving.lookup({"a": [0]})
+
+
+def test_serving_follows_checkpoints_then_switches_to_a_release(tmp_path):
+    from embstore.serving import Serving
+    r1, _ = two_releases(tmp_path)
+    live = tmp_path / "live"
+    with embstore.create(live, serve_versions=True) as writer:
+        writer.create_table("a", 4, rows=64)
+        writer.checkpoint()
+        with Serving(live) as serving:
+            writer["a"].update([0], full(1, 4, 9))
+            (path, v1), rows = serving.lookup({"a": [0]})
+            assert (rows["a"] == 0).all()
+            writer.checkpoint()
+            (path, v2), rows = serving.lookup({"a": [0]})
+            assert (rows["a"] == 9).all() and v2 == v1 + 1 and path == str(live)
+            serving.switch_to(r1)  # a store nobody writes: served as it is
+            assert serving.lookup({"a": [0]})[0] == (str(r1), 0)
