@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from embstore.access import AccessCounts, hottest
 from embstore.errors import StoreClosedError, VersionsNotServedError
 from embstore.store import Store
 from embstore.store import open as open_store
@@ -44,10 +45,14 @@ class Serving:
     while another switches."""
 
     def __init__(self, path: str | os.PathLike, *,
-                 prepare: Callable[[Store], Any] | None = None, **settings: Any) -> None:
-        """``prepare(store)`` runs on every store before it takes traffic (e.g. warm its
-        hottest rows); ``settings`` are the ``embstore.open`` settings of every store."""
+                 prepare: Callable[[Store], Any] | None = None,
+                 record_access: str | os.PathLike | None = None, **settings: Any) -> None:
+        """``prepare(store)`` runs on every store before it takes traffic (e.g.
+        ``lambda s: warm_hottest(s, counts_dir)``); ``record_access``: a directory where
+        this process's access counts go (``embstore.access``; ``flush_access`` writes
+        them); ``settings`` are the ``embstore.open`` settings of every store."""
         self._settings, self._prepare = settings, prepare
+        self.access = AccessCounts(record_access) if record_access is not None else None
         self._lock = threading.Lock()
         self._active = self._open(Path(path))
         self.switches = 0
@@ -81,6 +86,9 @@ class Serving:
                 raise StoreClosedError("this Serving was closed")
             active.users += 1
         try:
+            if self.access is not None:
+                for name, ids in requests.items():
+                    self.access.record(name, ids)
             if active.follower is not None:
                 number, rows = active.follower.lookup(requests)
             else:
@@ -89,6 +97,11 @@ class Serving:
             return (str(active.store.path), number), rows
         finally:
             self._release(active)
+
+    def flush_access(self) -> None:
+        """Write this process's access counts (a no-op without ``record_access``)."""
+        if self.access is not None:
+            self.access.flush()
 
     def switch_to(self, path: str | os.PathLike) -> None:
         """Serve from the store at ``path`` from now on: opened (and prepared) first,
@@ -111,6 +124,7 @@ class Serving:
             active.store.close()
 
     def close(self) -> None:
+        self.flush_access()
         with self._lock:
             active = self._active
             active.retired = True
@@ -123,3 +137,24 @@ class Serving:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+WARM_BATCH = 4096
+
+
+def warm_hottest(store: Store, counts_dir: str | os.PathLike, limit: int | None = None,
+                 tables: list[str] | None = None) -> dict[str, int]:
+    """Read each table's rows hottest first (merged access counts), ``limit`` rows per
+    table at most: their pages come into the page cache, shared by every process, and
+    into this store's hot-row cache. Returns the rows read per table."""
+    done = {}
+    for name in tables if tables is not None else store.table_names:
+        table = store[name]
+        ids = hottest(counts_dir, name, limit)
+        ids = ids[ids < table.num_rows]
+        out = np.empty((min(WARM_BATCH, max(len(ids), 1)), table.dim), np.float32)
+        for start in range(0, len(ids), WARM_BATCH):
+            chunk = ids[start:start + WARM_BATCH]
+            table.gather_rows(chunk, out=out[:len(chunk)])
+        done[name] = int(len(ids))
+    return done
