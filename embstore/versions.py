@@ -185,9 +185,10 @@ class UndoReader:
         self.record = 8 + 4 * dim
         self.fd: int | None = None
         self.count = 0
-        self.where: dict[int, int] = {}  # row id -> index in values
-        self.changed: np.ndarray | None = None  # bool per row: a fast "any to patch?"
-        self.values = np.empty((0, dim), dtype=np.float32)
+        # row id -> 1 + index in values (0: unchanged); zeros from calloc, so only the
+        # pages of changed ids take memory, and a lookup is one vectorised take
+        self.pos: np.ndarray | None = None
+        self.values = np.empty((0, dim), dtype=np.float32)  # grown by doubling
 
     def refresh(self) -> None:
         """Read records published since the last call (the file may not exist yet)."""
@@ -207,23 +208,28 @@ class UndoReader:
         if len(data) != (count - self.count) * self.record:
             raise FormatError(f"{self.path}: undo records shorter than the published count")
         recs = np.frombuffer(data, dtype=[("id", "<i8"), ("row", "<f4", (self.dim,))])
-        if self.changed is None:
-            self.changed = np.zeros(self.rows, dtype=bool)
-        base = len(self.values)
-        self.values = np.concatenate([self.values, recs["row"]]) if base else recs["row"].copy()
-        for i, row in enumerate(recs["id"].tolist()):
-            self.where[row] = base + i
-        self.changed[recs["id"]] = True
+        ids = recs["id"]
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
+            raise FormatError(f"{self.path}: a row id outside the version's {self.rows} rows")
+        if self.pos is None:
+            self.pos = np.zeros(self.rows, dtype=np.int64)
+        if count > len(self.values):
+            grown = np.empty((max(count, 2 * len(self.values)), self.dim), np.float32)
+            grown[: self.count] = self.values[: self.count]
+            self.values = grown
+        self.values[self.count : count] = recs["row"]
+        self.pos[ids] = np.arange(self.count + 1, count + 1)
         self.count = count
 
     def patch(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Put the version-v value back for every id the writer changed since v."""
-        if self.changed is None:
+        if self.pos is None:
             return
         flat_ids, flat = ids.reshape(-1), out.reshape(-1, self.dim)
-        hit = np.flatnonzero(self.changed[flat_ids])
+        where = self.pos[flat_ids]
+        hit = np.flatnonzero(where)
         if len(hit):
-            flat[hit] = self.values[[self.where[int(r)] for r in flat_ids[hit]]]
+            flat[hit] = self.values[where[hit] - 1]
 
     def close(self) -> None:
         if self.fd is not None:

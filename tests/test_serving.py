@@ -226,3 +226,23 @@ def test_serving_follows_checkpoints_then_switches_to_a_release(tmp_path):
             assert (rows["a"] == 9).all() and v2 == v1 + 1 and path == str(live)
             serving.switch_to(r1)  # a store nobody writes: served as it is
             assert serving.lookup({"a": [0]})[0] == (str(r1), 0)
+
+
+def test_a_hostile_undo_file_is_a_format_error_not_a_wild_write(tmp_path):
+    import struct
+    from embstore.errors import FormatError
+    path = tmp_path / "store"
+    with embstore.create(path, serve_versions=True) as store:
+        store.create_table("a", 2, rows=8)
+    with embstore.open(path) as reader:
+        version = reader.follower().version
+        undo = path / "serve" / str(version) / "a.undo"
+        count = 1
+        header = struct.pack("<8sIIQQ", b"EMBUNDO1", 2, 0, count, ~count & (2**64 - 1))
+        undo.write_bytes(header.ljust(64, b"\0") + struct.pack("<qff", 10**9, 1.0, 1.0))
+        with pytest.raises(FormatError, match="outside"):
+            reader.lookup({"a": [0]})
+        undo.write_bytes(header.ljust(64, b"\0"))  # count 1, no record
+        reader.close()
+    with embstore.open(path) as reader, pytest.raises(FormatError, match="shorter"):
+        reader.lookup({"a": [0]})

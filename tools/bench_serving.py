@@ -5,6 +5,7 @@ the hot-row cache at equal bytes. Every figure is taken side by side in one run.
     python tools/bench_serving.py start   --gb 1 4 [16]
     python tools/bench_serving.py latency --gb 1 [--limit-gb 0.9]
     python tools/bench_serving.py cache   A.so B.so          # hit rate at equal bytes
+    python tools/bench_serving.py versions                   # cost of serve_versions
 
 Tables are float32, dim 64 (256-byte rows), in --dir (default /tmp/embbench/serving), built
 on first use and removed with --clean. A cold page cache is made per file
@@ -375,6 +376,60 @@ def cmd_latency(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def cmd_versions(args: argparse.Namespace) -> dict[str, Any]:
+    """What serving whole versions costs: the writer's steps/s with serve_versions on
+    against off (same steps, interleaved), and a reader's Store.lookup against a plain
+    Table.gather with 0% and 10% of the rows changed since the version served."""
+    import tempfile
+    import embstore
+    rows, steps = 1 << 20, 200
+    rng = np.random.default_rng(5)
+    step_ids = [rng.integers(0, rows, BATCH) for _ in range(steps)]
+    grads = rng.standard_normal((BATCH, DIM), dtype=np.float32)
+    res: dict[str, Any] = {"rows": rows, "runs": []}
+    with tempfile.TemporaryDirectory(dir=args.dir.parent) as tmp:
+        for r in range(args.repeats):
+            for on in (False, True):
+                path = Path(tmp) / f"w{r}{on}"
+                with embstore.create(path, serve_versions=on, checkpoint_bytes=1 << 40,
+                                     checkpoint_seconds=1e9) as store:
+                    table = store.create_table("t", DIM, rows=rows)
+                    store.checkpoint()
+                    t = time.perf_counter()
+                    for i, ids in enumerate(step_ids):
+                        table.apply_gradients(ids, grads, "sgd")
+                        if i % 50 == 49:
+                            store.checkpoint()
+                    res["runs"].append({"what": "writer", "serve_versions": on, "repeat": r,
+                                        "steps_per_s": steps / (time.perf_counter() - t)})
+                if on:
+                    with embstore.open(path, "r+", serve_versions=True) as store:
+                        store.checkpoint()
+                        changed = rng.choice(rows, rows // 10, replace=False)
+                        with embstore.open(path) as reader:
+                            table = reader["t"]
+                            ids = [rng.integers(0, rows, BATCH) for _ in range(100)]
+                            for label in ("0%", "10%"):
+                                if label == "10%":
+                                    store["t"].update(changed, np.ones((len(changed), DIM),
+                                                                       np.float32))
+                                reader.lookup({"t": ids[0]})
+                                t = time.perf_counter()
+                                for b in ids:
+                                    reader.lookup({"t": b})
+                                look = time.perf_counter() - t
+                                t = time.perf_counter()
+                                for b in ids:
+                                    table.gather(b)
+                                plain = time.perf_counter() - t
+                                res["runs"].append({"what": "reader", "changed": label,
+                                                    "repeat": r, "lookup_over_gather":
+                                                    look / plain, "lookup_ms": look * 10})
+                shutil.rmtree(path, ignore_errors=True)
+                log(f"versions: {res['runs'][-1]}")
+    return res
+
+
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
     """Hit rate at equal cache bytes: build A (rows cached decoded, float32) against
     build B (rows cached in their storage encoding), for every dtype, on Zipf ids and a
@@ -439,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         return child(json.loads(argv[1]))
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["pss", "start", "latency", "cache"])
+    p.add_argument("command", choices=["pss", "start", "latency", "cache", "versions"])
     p.add_argument("a", nargs="?", help="cache: build A (.so)")
     p.add_argument("b", nargs="?", help="cache: build B (.so)")
     p.add_argument("--gb", type=float, nargs="+", default=[1.0])
