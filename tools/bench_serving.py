@@ -29,6 +29,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+from benchsuite.host import evict, warm  # noqa: E402  (per-file DONTNEED; read through)
+from benchsuite.procs import release  # noqa: E402
+from benchsuite.scenarios.s6_serving import pss  # noqa: E402
 DIM, BATCH = 64, 4096
 CHUNK_ROWS = 1 << 20
 CGROUP = Path("/sys/fs/cgroup/memory")
@@ -80,30 +83,6 @@ def build(work: Path, gb: float, kinds: tuple[str, ...]) -> dict[str, Path]:
     if "var_model" in kinds and not paths["var_model"].exists():
         run_child({"job": "save_var", "npy": str(paths["npy"]), "out": str(paths["var_model"])})
     return paths
-
-
-def files(path: Path) -> list[Path]:
-    return [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
-
-
-def evict(paths: list[Path]) -> None:
-    for path in paths:
-        for f in files(path):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def warm(paths: list[Path]) -> None:
-    buf = bytearray(16 << 20)
-    for path in paths:
-        for f in files(path):
-            with open(f, "rb", buffering=0) as fh:
-                while fh.readinto(buf):
-                    pass
 
 
 # --- children --------------------------------------------------------------------------
@@ -282,11 +261,6 @@ JOBS = {"save_emb": job_save_emb, "save_var": job_save_var, "start": job_start,
 # --- commands ---------------------------------------------------------------------------
 
 
-def pss_of(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss:"))
-
-
 def pss_group(path: Path, n: int, cache_bytes: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen(child_argv({"job": "pss_serve", "path": str(path),
@@ -295,14 +269,9 @@ def pss_group(path: Path, n: int, cache_bytes: int) -> dict[str, Any]:
              for _ in range(n)]
     try:
         cache_rows = [json.loads(p.stdout.readline())["cache_rows"] for p in procs]
-        return {"pss_bytes": sum(pss_of(p.pid) for p in procs), "cache_rows": cache_rows}
+        return {"pss_bytes": sum(pss(p.pid) for p in procs), "cache_rows": cache_rows}
     finally:
-        for p in procs:
-            try:
-                p.communicate("\n", timeout=60)
-            except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
-                p.kill()
-                p.wait()
+        release(procs, 60)
 
 
 def cmd_pss(args: argparse.Namespace) -> dict[str, Any]:
