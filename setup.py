@@ -19,5 +19,9 @@ setup(
                   depends=["embstore/_native/rowsource.h"], **COMMON),
         # Vectorised open-addressing hash for dynamic keys (int64 key -> row).
         Extension("embstore._keyhash", sources=["embstore/_native/keyhash.c"], **COMMON),
+        # XXH3 row digests and chunk addresses, byte-plane shuffles, row bitmaps
+        # (xxhash.h: xxHash 0.8.3, BSD 2-Clause, vendored unmodified).
+        Extension("embstore._blocks", sources=["embstore/_native/blocks.c"],
+                  depends=["embstore/_native/xxhash.h"], **COMMON),
     ],
 )

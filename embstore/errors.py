@@ -190,6 +190,40 @@ class VersionChurnError(EmbstoreError, RuntimeError):
     on switches per batch): checkpoints far more often than batches."""
 
 
+# --- snapshots ----------------------------------------------------------------------------
+
+
+class SnapshotNotFoundError(EmbstoreError, KeyError):
+    """The snapshot repository holds no snapshot of that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SnapshotExistsError(EmbstoreError, FileExistsError):
+    """A snapshot of that name already exists in the repository."""
+
+
+class ChunkError(FormatError):
+    """A snapshot chunk is missing or damaged. ``chunk`` is its address (32 hex digits),
+    ``snapshot`` the snapshot that needs it (when known)."""
+
+    def __init__(self, message: str, path: str | None = None, offset: int | None = None,
+                 chunk: str | None = None, snapshot: str | None = None) -> None:
+        self.chunk = chunk
+        self.snapshot = snapshot
+        super().__init__(message, path, offset)
+
+
+class MissingChunkError(ChunkError, FileNotFoundError):
+    """A chunk a snapshot names is not in the repository."""
+
+
+class SnapshotConflictError(EmbstoreError, RuntimeError):
+    """A snapshot could not settle on one consistent state (the tables kept changing
+    shape under it); nothing was made visible: retry."""
+
+
 # --- findings of a check -----------------------------------------------------------------
 
 

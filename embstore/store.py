@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +40,9 @@ from embstore.manifest import (
     format_version,
     read_lock_holder,
 )
+from embstore.snapshots import Repo, SnapshotInfo
+from embstore.snapshots.chunks import DEFAULT_LEVEL
+from embstore.snapshots.create import create_snapshot
 from embstore.storage import TableMeta
 from embstore.table import BULK_CHUNK_BYTES, Table
 from embstore.versions import check_serving_setting
@@ -46,6 +50,7 @@ from embstore.writer import TableWrites, Writer
 from embstore.writer import tables as ddl
 
 WAL_DIR = "wal"
+SNAPSHOTS_DIR = "snapshots"  # the default snapshot repository, inside the store
 DEFAULT_SETTINGS: dict[str, Any] = {
     "cache_bytes": 0,            # hot-row cache: bytes split evenly over the tables, or
                                  # {table: bytes} for a budget per table
@@ -383,6 +388,32 @@ class Store:
             self._fs.fsync_dir(tables)
         return {"removed": removed, "bytes_freed": freed, "checkpoint_lsn": self.checkpoint_lsn}
 
+    # --- snapshots --------------------------------------------------------------------
+
+    def snapshots(self, repo: str | os.PathLike | None = None) -> Repo:
+        """The snapshot repository (``<store>/snapshots`` unless ``repo`` names another
+        directory): list, verify, restore, delete, retain, diff, ship. A read-only store
+        never creates one (read-only opens write nothing)."""
+        self._check_open()
+        return Repo(Path(repo) if repo is not None else self.path / SNAPSHOTS_DIR, self._fs,
+                    create=self.writable)
+
+    def snapshot(self, name: str | None = None, *, repo: str | os.PathLike | None = None,
+                 parent: str | None = "latest", full: bool = False,
+                 level: int | None = DEFAULT_LEVEL, progress: Any = False) -> SnapshotInfo:
+        """Snapshot every table, its optimizer slots and keys at one log position, while
+        other threads keep training (they stall only for the few milliseconds of the
+        last, locked, pass). Incremental over ``parent`` (default: the latest snapshot)
+        when this writer tracked the rows changed since it; otherwise full, storing only
+        the blocks the repository lacks. ``level`` is the zstd level (None: stored).
+        Returns what ``snapshots().list()`` says of it."""
+        writer = self._writer_or_raise()
+        if name is None:
+            t = time.time()
+            name = time.strftime("snap-%Y%m%dT%H%M%S", time.gmtime(t)) + f"{t % 1:.6f}"[1:]
+        return create_snapshot(writer, self.snapshots(repo), name, parent=parent, full=full,
+                               level=level, progress=progress)
+
     # --- inspection -------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
@@ -405,11 +436,13 @@ class Store:
             "tables": tables,
         }
 
-    def check(self) -> list[Fault]:
-        """Verify every file the manifest names (headers, sizes, checksums, key indexes)
-        and the write-ahead log. Returns the damage found (empty when the store is clean);
-        never modifies it. ``embstore.check.check_store`` also returns warnings."""
-        return [f for f in check_store(self.path) if f.fatal]
+    def check(self, deep: bool = False) -> list[Fault]:
+        """Verify every file the manifest names (headers, sizes, checksums, key indexes,
+        row digest files) and the write-ahead log; ``deep=True`` also reads every row and
+        compares it with the digest recorded at the last checkpoint. Returns the damage
+        found (empty when the store is clean); never modifies it.
+        ``embstore.check.check_store`` also returns warnings."""
+        return [f for f in check_store(self.path, deep=deep) if f.fatal]
 
     # --- lifecycle --------------------------------------------------------------------
 

@@ -413,3 +413,39 @@ def test_distributed_md_carries_the_map_specification_verbatim():
     text = (HERE.parent / "docs" / "DISTRIBUTED.md").read_text()
     copy = text[text.index("<!-- shardmap-spec -->") + 22:text.index("<!-- /shardmap-spec -->")]
     assert copy.strip() == spec, "docs/DISTRIBUTED.md's map format differs from shardmap.py"
+
+
+# --- snapshots of a shard set -----------------------------------------------------------
+
+
+def test_snapshot_of_two_shards_restores_onto_three_as_it_was(tmp_path):
+    smap, _ = _trained_set(tmp_path / "two")
+    ed.snapshot(smap, "s1")
+    expected = ed.reshard(smap, tmp_path / "expected", 3)  # the set as it was at "s1"
+    # training goes on after the snapshot: the restore must not see it
+    with embstore.open(smap.store_path(1), mode="r+") as store:
+        store["items"].update([0], np.full((1, 8), 7.0, np.float32))
+    three = ed.restore_snapshot(smap, "s1", tmp_path / "three", 3, num_tasks=3)
+    assert three.num_shards == 3 and sorted(three.tables) == ["items", "q", "users"]
+    assert ed.check(three, deep=True) == []
+    assert ed.verify_same_rows(expected, three) == []
+    assert ed.verify_same_rows(smap, three) == ["table 'items': row 1 differs"]
+    assert not list(tmp_path.glob(".three.*"))  # the staging set is gone
+
+
+def test_restore_of_a_snapshot_a_shard_lacks_is_refused(tmp_path):
+    smap, _ = _trained_set(tmp_path / "two")
+    with embstore.open(smap.store_path(0), mode="r+") as store:
+        store.snapshot("only-here")
+    with pytest.raises(embstore.errors.SnapshotNotFoundError, match="shard 1"):
+        ed.restore_snapshot(smap, "only-here", tmp_path / "three", 3)
+    assert not (tmp_path / "three").exists() and not list(tmp_path.glob(".three.*"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_bytes(b"")
+    ed.snapshot(smap, "s2")
+    with pytest.raises(embstore.errors.StoreExistsError):
+        ed.restore_snapshot(smap, "s2", tmp_path / "full", 3)
+    # a restore that fails after the shards were rebuilt leaves no staging set behind
+    with pytest.raises(embstore.errors.InvalidArgumentError, match="nope"):
+        ed.restore_snapshot(smap, "s2", tmp_path / "three", 3, tables=["nope"])
+    assert not (tmp_path / "three").exists() and not list(tmp_path.glob(".three.*"))

@@ -227,6 +227,110 @@ static PyObject *RowSource_scatter(RowSource *self, PyObject *args) {
     return PyLong_FromSsize_t(result);
 }
 
+/* Seqlock copy of one row's encoded bytes (stride of them) into raw. Returns 0, or -1 if
+ * the writer never let go of the chunk (it died mid-update). */
+static inline int read_raw_row(const es_view *v, int64_t row, char *raw) {
+    const uint64_t *sp = es_seq_ptr(v, row);
+    for (long spin = 0; spin < ES_SEQ_MAX_SPINS; spin++) {
+        uint64_t before = __atomic_load_n(sp, __ATOMIC_ACQUIRE);
+        if (!(before & 1)) {
+            memcpy(raw, es_row_ptr(v, row), (size_t)v->stride);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (__atomic_load_n(sp, __ATOMIC_RELAXED) == before) return 0;
+        }
+        if (spin > 64) sched_yield();
+    }
+    return -1;
+}
+
+static int get_raw_out(PyObject *obj, Py_buffer *view, Py_ssize_t want) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return -1;
+    if (view->len != want) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "out must be a writable C-contiguous buffer of %zd "
+                     "bytes (rows * stride), got %zd", want, view->len);
+        return -1;
+    }
+    return 0;
+}
+
+/* read_raw(ids, out) -> -1 | first bad index | -2 torn: the stored bytes of each row
+ * (seqlock-validated, so never half old, half new) into out, len(ids) * stride bytes.
+ * For snapshots, which store rows in their encoding. Ids are checked against the mapped
+ * capacity: the writer's own reads may reach rows it has written but not yet published. */
+static PyObject *RowSource_read_raw(RowSource *self, PyObject *args) {
+    PyObject *ids_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OO", &ids_obj, &out_obj)) return NULL;
+    Py_buffer ids, out;
+    if (get_ids(ids_obj, &ids) < 0) return NULL;
+    Py_ssize_t n = ids.len / ids.itemsize;
+    if (get_raw_out(out_obj, &out, n * self->stride) < 0) {
+        PyBuffer_Release(&ids);
+        return NULL;
+    }
+    int64_t cap = (int64_t)self->nshards << self->shard_log2;
+    Py_ssize_t result;
+    Py_BEGIN_ALLOW_THREADS
+    result = first_bad(&ids, n, cap);
+    if (result < 0) {
+        es_view v = view_of(self);
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (read_raw_row(&v, id_at(&ids, i), (char *)out.buf + i * self->stride) < 0) {
+                result = RC_TORN;
+                break;
+            }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(result);
+}
+
+/* read_span(first, count, out) -> 0 | -2 torn: rows [first, first + count) of one shard,
+ * copied a seqlock chunk at a time (counter, copy, counter again; retried while a writer
+ * holds the chunk), so each chunk's rows are copied whole between two writes. */
+static PyObject *RowSource_read_span(RowSource *self, PyObject *args) {
+    long long first, count;
+    PyObject *out_obj;
+    if (!PyArg_ParseTuple(args, "LLO", &first, &count, &out_obj)) return NULL;
+    if (first < 0 || count < 0 || first + count > ((int64_t)self->nshards << self->shard_log2) ||
+        (count > 0 && (first >> self->shard_log2) != ((first + count - 1) >> self->shard_log2))) {
+        PyErr_SetString(PyExc_ValueError, "span must lie inside one mapped shard");
+        return NULL;
+    }
+    Py_buffer out;
+    if (get_raw_out(out_obj, &out, (Py_ssize_t)count * self->stride) < 0) return NULL;
+    int torn = 0;
+    Py_BEGIN_ALLOW_THREADS
+    es_view v = view_of(self);
+    int64_t chunk = (int64_t)1 << v.chunk_log2, row = first, end = first + count;
+    while (row < end && !torn) {
+        int64_t stop = (row | (chunk - 1)) + 1;
+        if (stop > end) stop = end;
+        const uint64_t *sp = es_seq_ptr(&v, row);
+        char *dst = (char *)out.buf + (row - first) * v.stride;
+        size_t bytes = (size_t)(stop - row) * (size_t)v.stride;
+        long spin = 0;
+        for (;; spin++) {
+            if (spin >= ES_SEQ_MAX_SPINS) {
+                torn = 1;
+                break;
+            }
+            uint64_t before = __atomic_load_n(sp, __ATOMIC_ACQUIRE);
+            if (!(before & 1)) {
+                memcpy(dst, es_row_ptr(&v, row), bytes);
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                if (__atomic_load_n(sp, __ATOMIC_RELAXED) == before) break;
+            }
+            if (spin > 64) sched_yield();
+        }
+        row = stop;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&out);
+    return PyLong_FromLong(torn ? RC_TORN : 0);
+}
+
 /* repair_seq() -> number of counters that were odd. Called by a new writer after
  * recovery rewrote every row the dead writer may have torn. */
 static PyObject *RowSource_repair_seq(RowSource *self, PyObject *unused) {
@@ -253,6 +357,10 @@ static PyMethodDef RowSource_methods[] = {
     {"gather", (PyCFunction)RowSource_gather, METH_VARARGS, "gather(ids, out) -> -1 | first bad index | -2 torn"},
     {"scatter", (PyCFunction)RowSource_scatter, METH_VARARGS, "scatter(ids, encoded) -> -1 | first bad index"},
     {"repair_seq", (PyCFunction)RowSource_repair_seq, METH_NOARGS, "make odd seqlock counters even"},
+    {"read_raw", (PyCFunction)RowSource_read_raw, METH_VARARGS,
+     "read_raw(ids, out) -> -1 | first bad index | -2 torn: stored row bytes"},
+    {"read_span", (PyCFunction)RowSource_read_span, METH_VARARGS,
+     "read_span(first, count, out) -> 0 | -2 torn: stored bytes of rows in one shard"},
     {NULL}};
 static PyGetSetDef RowSource_getset[] = {
     {"num_rows", (getter)RowSource_get_num_rows, NULL, "rows readable now", NULL},

@@ -37,6 +37,7 @@ examples:
   embstore-cli get /data/store items 3,7,42
   embstore-cli check /data/store
   embstore-cli import /data/store items vectors.npy --create --dtype float16
+  embstore-cli snapshot create /data/store epoch-3
   embstore-cli index build /data/store items --metric dot
 
 exit codes: 0 ok, 1 check found damage, 2 usage or user error, 3 internal error.
@@ -58,8 +59,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from embstore import __version__
-    from embstore.cli import (bench, check, demo, index, info, maintenance, rows, stats,
-                              transfer, warm)
+    from embstore.cli import (bench, check, demo, index, info, maintenance, rows, snapshot,
+                              stats, transfer, warm)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for module in (info, stats, rows, check, transfer, warm, bench, maintenance, index, demo):
+    for module in (info, stats, rows, check, transfer, warm, bench, maintenance, index,
+                   snapshot, demo):
         module.register(sub, common)
     return parser
 

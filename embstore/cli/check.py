@@ -1,7 +1,8 @@
 """``check PATH [--fix]``: verify a store; exit 0 if clean, 1 if damaged.
 
 The checks and repairs are the library's (``embstore.check``): manifest, shard headers
-and sizes, key indexes, write-ahead log. This command formats what they find. A torn
+and sizes, key indexes, row digest files, write-ahead log; ``--deep`` also reads every
+row and compares it with the digest recorded at the last checkpoint. This command formats what they find. A torn
 log tail is the normal trace of a crash during an unacknowledged write, not damage: it
 is reported as a warning and cut by the next writable open (or by ``--fix``).
 
@@ -53,6 +54,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        "and sizes, key indexes, write-ahead log. Each fault names the file "
                        "and byte offset.")
     p.add_argument("path", metavar="PATH", help="store directory")
+    p.add_argument("--deep", action="store_true",
+                   help="also read every row and compare it with the digest recorded at "
+                   "the last checkpoint (names the rows that changed at rest)")
     p.add_argument("--fix", action="store_true",
                    help="rebuild damaged key indexes, restore keys a rolled-back LMDB lost, "
                    "cut a torn log tail, rewrite damaged live files (needs the writer "
@@ -65,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.path)
     if not (root / "MANIFEST").is_file():
         raise UserError(f"no embstore store at {root} (no MANIFEST file): check the path")
-    findings = check_store(root)
+    findings = check_store(root, deep=args.deep)
     fixed: list[str] = []
     failed: list[str] = []
     unfixable: list[str] = []
     if args.fix and findings:
         fixed, failed, unfixable = repair(root, findings)
-        findings = check_store(root)
+        findings = check_store(root, deep=args.deep)
     faults = [f for f in findings if f.fatal]
     warnings = [f for f in findings if not f.fatal]
     if args.json:

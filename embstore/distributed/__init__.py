@@ -6,6 +6,8 @@
     ed.check(smap)                                              # [] when all is well
     ed.reshard(smap, "/data/emb3", num_shards=3)                # offline, streaming
     ed.verify_same_rows(smap, "/data/emb3")                     # [] when the rows agree
+    ed.snapshot(smap, "epoch-3")                                # every shard, offline
+    ed.restore_snapshot(smap, "epoch-3", "/data/emb4", num_shards=4)
 
 This package imports no TensorFlow. ``embstore.tensorflow.distributed`` serves the
 shards from parameter-server tasks under ``tf.distribute.experimental.
@@ -21,6 +23,7 @@ from embstore.distributed.layout import (
     open_shards,
 )
 from embstore.distributed.reshard import open_layout, reshard, verify_same_rows
+from embstore.distributed.snapshots import restore_snapshot, snapshot
 from embstore.distributed.shardmap import (
     MAP_NAME,
     ShardMap,
@@ -36,5 +39,6 @@ from embstore.distributed.shardmap import (
 __all__ = [
     "APPLIED_ROWS", "MAP_NAME", "ShardMap", "ShardSpec", "TableSpec", "applied_name",
     "check", "create", "create_table", "global_ids", "local_ids", "open_layout",
-    "open_shards", "reshard", "rows_in_shard", "shard_of", "splitmix64", "verify_same_rows",
+    "open_shards", "reshard", "restore_snapshot", "rows_in_shard", "shard_of", "snapshot",
+    "splitmix64", "verify_same_rows",
 ]

@@ -46,8 +46,8 @@ Partition rules (MUST be computed identically by every writer and reader):
   over every shard.
 
 The map is written atomically (temp file, fsync, rename, fsync of the directory): a crash
-leaves the old map or the new one. Snapshots of a sharded table (another issue) can
-restore onto a different N because the map holds everything a re-shard needs: the
+leaves the old map or the new one. A snapshot of a sharded table (``restore_snapshot``)
+restores onto a different N because the map holds everything a re-shard needs: the
 rule, N, and every table's geometry.
 
 Limitations: tables keyed by bytes are not sharded (their partition would need the same

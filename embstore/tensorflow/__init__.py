@@ -31,6 +31,7 @@ from embstore.tensorflow.ops import (
     table_ref,
 )
 from embstore.tensorflow.saving import load, saved_references
+from embstore.tensorflow.callbacks import SnapshotCallback
 from embstore.tensorflow import _training  # noqa: F401  registers the training ops' callbacks
 from embstore.tensorflow.retrieval import set_index_path, top_k  # registers top-k's callback
 from embstore.tensorflow.bundle import Bundle, load_bundle, save_bundle
@@ -38,6 +39,7 @@ from embstore.tensorflow.bundle import Bundle, load_bundle, save_bundle
 __all__ = [
     "Bundle",
     "ENV_STORE_PATH",
+    "SnapshotCallback",
     "StoreEmbedding",
     "StoreRetrieval",
     "TableRef",

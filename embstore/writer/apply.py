@@ -1,5 +1,5 @@
-"""Applying logged rows to a table (shards, live file, key index), and tracking which
-shards hold rows that are not durable yet.
+"""Applying logged rows to a table (shards, live file, key index), marking the blocks
+they write (``digesting.DirtyBlocks``: synced and rehashed at the next checkpoint).
 
 Called for every commit after its record is durable in the log, and by recovery for
 every record since the last checkpoint: applying an entry twice gives the same table
@@ -8,41 +8,10 @@ every record since the last checkpoint: applying an entry twice gives the same t
 
 from __future__ import annotations
 
-
 from embstore.errors import CorruptLogError
 from embstore.log.payload import Entry
 from embstore.table import Table
-
-
-class DirtyShards:
-    """Per table, the shards written since the last checkpoint: the checkpoint syncs only
-    these, so a table of thousands of shards that trained on a few costs a few
-    fdatasyncs, not thousands. A shard leaves the set only once its sync succeeded; a
-    shard missed here would lose its rows at the checkpoint that recycles their log
-    records."""
-
-    def __init__(self) -> None:
-        self._by_table: dict[str, set[int]] = {}
-
-    def add(self, table: str, shards: object) -> None:
-        self._by_table.setdefault(table, set()).update(shards)  # type: ignore[arg-type]
-
-    def add_all(self, table: Table) -> None:
-        self.add(table.name, range(table._meta.num_shards))
-
-    def sync(self, table: Table) -> None:
-        dirty = self._by_table.get(table.name)
-        while dirty:
-            index = min(dirty)
-            table._shards.sync([index])
-            dirty.discard(index)
-
-    def forget(self, table: str) -> None:
-        self._by_table.pop(table, None)
-
-    def rename(self, old: str, new: str) -> None:
-        if old in self._by_table:
-            self._by_table[new] = self._by_table.pop(old)
+from embstore.writer.digesting import DirtyBlocks
 
 
 def row_limit(table: Table, entry: Entry, parent: Table | None) -> int:
@@ -60,7 +29,7 @@ def row_limit(table: Table, entry: Entry, parent: Table | None) -> int:
     return base + (len(entry.rows) if entry.index_keys is not None else 0)
 
 
-def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyShards,
+def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyBlocks,
                 limit: int | None = None) -> None:
     """Copy logged rows into the table (and its key index), growing it if needed, never
     beyond ``limit`` rows (``row_limit``; CorruptLogError, nothing written)."""
@@ -77,7 +46,7 @@ def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyShards,
     if top > meta.capacity:
         shards.ensure_capacity(top)
     # marked before the write: a failed scatter may have written some rows
-    dirty.add(table.name, shards.shards_of(rows))
+    dirty.mark_rows(table, rows)
     rc = shards.source.scatter(rows, entry.encoded)
     if rc != -1:
         raise CorruptLogError(f"row id {int(rows[rc])} out of range for table {table.name!r}")

@@ -68,6 +68,9 @@ def append_chunks(writer: Writer, table: Table, chunks: Iterable[np.ndarray], to
             raise
         with writer.durable(what):
             shards.ensure_capacity(start + total)  # count and map the new shards
+            # the new rows' digests durable before the manifest commit that publishes them
+            if total:
+                writer.dirty.rehash_now(table, start, total)
             publish_rows(writer, table, start + total)
 
 

@@ -8,8 +8,8 @@ it safe:
 1. commit: encode the entries, append them to the log as one group, fdatasync; only now
    is the change acknowledged. Then apply them to shards, live file and key index.
 2. checkpoint: sync the log, sync every shard written since the last checkpoint and
-   every key index, record the log end in the manifest (atomic replace), and only then
-   recycle the log segments below it.
+   every key index, write the digests of the blocks written (``embstore.digests``),
+   record the log end in the manifest (atomic replace), and only then recycle the log segments below it.
 3. recovery (writable open): replay every record since the checkpoint, repair seqlock
    counters a dead writer left odd, then checkpoint.
 
@@ -34,8 +34,10 @@ from embstore.log.lost_keys import logged_keys
 from embstore.log.payload import Entry, decode_record, encode_record
 from embstore.manifest import Manifest
 from embstore.table import Table
+from embstore.writer.apply import apply_entry, reconcile_rows, row_limit
+from embstore.writer.changes import ChangeTrackers
+from embstore.writer.digesting import DirtyBlocks
 from embstore.writer.versions import VersionKeeper
-from embstore.writer.apply import DirtyShards, apply_entry, reconcile_rows, row_limit
 from embstore.writer.interrupts import GATE
 
 WAL_DIR = "wal"
@@ -47,7 +49,7 @@ ROTATE_BYTES = 8 << 20
 
 
 class Writer:
-    """Owns what writing needs: the lock, the log, the failure state, dirty shards."""
+    """Owns what writing needs: the lock, the log, the failure state, dirty blocks."""
 
     def __init__(self, root: Path, manifest: Manifest, catalog: Catalog,
                  settings: dict[str, Any], fs: FileSystem, lock_fd: int) -> None:
@@ -57,7 +59,10 @@ class Writer:
         self.lock = threading.RLock()  # one commit, step or checkpoint at a time
         self._lock_fd: int | None = lock_fd
         self.failed: BaseException | None = None
-        self.dirty = DirtyShards()
+        self.changes = ChangeTrackers()  # rows changed, for snapshots (writer.changes)
+        self.dirty = DirtyBlocks(fs, self.changes)
+        # notified when a snapshot stops copying rows: drop and rename wait for it
+        self.snapshot_done = threading.Condition(self.lock)
         self.recovered_records = 0
         self._interrupted = False  # a KeyboardInterrupt was raised inside a commit
         self._scratch = bytearray(SCRATCH_BYTES)
@@ -185,6 +190,13 @@ class Writer:
                                   f"applied ({exc}); reopen the store") from exc
         raise exc
 
+    def wait_for_snapshots(self) -> None:
+        """Block until no snapshot is copying rows (table drop and rename: a snapshot
+        reads the tables it froze until it is done)."""
+        with self.lock:
+            while self.changes.copying:
+                self.snapshot_done.wait()
+
     def maybe_checkpoint(self) -> None:
         s = self.settings
         grown = self.log.end_lsn - self.manifest.checkpoint_lsn
@@ -202,8 +214,11 @@ class Writer:
             self.log.sync()
             lsn = self.log.end_lsn
             try:
-                for table in self.catalog.open_tables():
-                    self.dirty.sync(table)
+                tables = self.catalog.open_tables()
+                # shards synced, and the digests of the blocks written since the last
+                # checkpoint durable, before the manifest lets their log records go
+                self.dirty.checkpoint(tables, lsn)
+                for table in tables:
                     if table._index is not None:
                         table._index.sync()
                 # the manifest names the log position only once the shards hold it all
@@ -239,7 +254,7 @@ class Writer:
         for name in self.manifest.table_names:
             table = self.catalog.get(name)
             if table._shards.source.repair_seq():
-                self.dirty.add_all(table)  # counters rewritten in place
+                self.dirty.add_all_shards(table)  # counters rewritten in place
             reconcile_rows(table, self.manifest.checkpoint_lsn)
         self.recovered_records = count
         self.checkpoint()

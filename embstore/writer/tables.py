@@ -12,12 +12,14 @@ record still to replay names a table by a name it no longer has.
 
 from __future__ import annotations
 
+from embstore import digests as dg
 from embstore.catalog import INDEX_DIR, TABLES_DIR, is_slot_table
 from embstore.errors import StoreExistsError, TableNotFoundError
 from embstore.keys import KeyIndex
 from embstore.storage import TableMeta, create_shard
 from embstore.table import Table
 from embstore.writer.core import Writer
+from embstore.writer.digesting import initial_digests
 
 
 def _write_files(writer: Writer, name: str, meta: TableMeta) -> None:
@@ -29,6 +31,8 @@ def _write_files(writer: Writer, name: str, meta: TableMeta) -> None:
         create_shard(fs, directory, meta, index)
     if meta.key_type is not None:
         KeyIndex.create(directory / INDEX_DIR, key_type=meta.key_type, fs=fs).close()
+    # zero-filled rows: their digests are known without reading them
+    dg.write(fs, directory, initial_digests(meta.stride, meta.rows_per_shard, meta.num_rows))
     fs.fsync_dir(directory)
     fs.fsync_dir(directory.parent)
 
@@ -44,6 +48,7 @@ def create_table(writer: Writer, name: str, meta: TableMeta) -> Table:
             with writer.manifest.lock:
                 writer.manifest.add_table(name, meta)
                 writer.manifest.commit()
+        writer.changes.mark_whole(name)  # a snapshot under way reads it whole
     return writer.catalog.get(name)
 
 
@@ -63,14 +68,18 @@ def family(writer: Writer, name: str) -> list[str]:
 
 def drop_table(writer: Writer, name: str) -> None:
     """Remove a table and its slot tables: unnamed first, files deleted after."""
-    writer.checkpoint()
     with writer.lock:
+        # waited for under the lock (the wait releases it), so that no snapshot can
+        # freeze the table between the wait and the files going
+        writer.wait_for_snapshots()
+        writer.checkpoint()
         if name not in writer.manifest:
             raise TableNotFoundError(f"no table {name!r} in store {writer.root}")
         doomed = family(writer, name)
         for n in doomed:
             writer.catalog.close_table(n)
             writer.dirty.forget(n)
+            writer.changes.forget(n)
         with writer.durable(f"dropping table {name!r}"):
             with writer.manifest.lock:
                 for n in doomed:
@@ -83,8 +92,9 @@ def drop_table(writer: Writer, name: str) -> None:
 
 def rename_table(writer: Writer, old: str, new: str) -> None:
     """Rename a table and its slot tables. Open handles of them are closed."""
-    writer.checkpoint()
     with writer.lock:
+        writer.wait_for_snapshots()  # under the lock, as in drop_table
+        writer.checkpoint()
         if old not in writer.manifest:
             raise TableNotFoundError(f"no table {old!r} in store {writer.root}")
         if new in writer.manifest or writer.catalog.directory(new).exists():
@@ -92,6 +102,8 @@ def rename_table(writer: Writer, old: str, new: str) -> None:
         moves = {n: new + n[len(old):] for n in family(writer, old)}
         for n in moves:
             writer.catalog.close_table(n)
+            writer.dirty.rename(n, moves[n])
+            writer.changes.rename(n, moves[n])
         manifest = writer.manifest
         with writer.durable(f"renaming table {old!r}"), manifest.lock:
             # 1. the intent, durable before any directory moves
