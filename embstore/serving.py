@@ -5,6 +5,7 @@ snapshot restored into a directory) without a restart.
     serving = embstore.serving.Serving("/data/live", cache_bytes=256 << 20)
     (path, version), rows = serving.lookup({"items": ids, "users": uids})
     serving.switch_to("/data/releases/2026-12-06")   # batches in flight finish on the old
+    serving.switch_to_snapshot("/data/live/snapshots", "nightly-42", "/data/serve/42")
 
 Within a store, ``Follower`` (embstore.follow) serves each batch from one checkpoint. A
 switch to another directory opens it (and warms it, if asked) before any batch sees it,
@@ -25,6 +26,7 @@ import numpy as np
 
 from embstore.access import AccessCounts, hottest
 from embstore.errors import StoreClosedError, VersionsNotServedError
+from embstore.snapshots import open_repo
 from embstore.store import Store
 from embstore.store import open as open_store
 
@@ -115,6 +117,15 @@ class Serving:
             idle = old.users == 0
         if idle:
             old.store.close()
+
+    def switch_to_snapshot(self, repo: str | os.PathLike, name: str,
+                           into: str | os.PathLike) -> Path:
+        """Serve the named snapshot of ``repo`` from now on: it is restored into the new
+        directory ``into`` (bit-identical rows, embstore.snapshots), opened, prepared,
+        then switched to as in ``switch_to``. Returns ``into``."""
+        dest = open_repo(repo).restore(name, into)
+        self.switch_to(dest)
+        return dest
 
     def _release(self, active: _Active) -> None:
         with self._lock:

@@ -246,3 +246,24 @@ def test_a_hostile_undo_file_is_a_format_error_not_a_wild_write(tmp_path):
         reader.close()
     with embstore.open(path) as reader, pytest.raises(FormatError, match="shorter"):
         reader.lookup({"a": [0]})
+
+
+def test_switching_to_named_snapshots_serves_each_as_it_was_taken(tmp_path):
+    from embstore.serving import Serving
+    live = tmp_path / "live"
+    with embstore.create(live, serve_versions=True) as writer:
+        writer.create_table("a", 4, data=full(64, 4, 1))
+        writer.snapshot("one")
+        writer["a"].update(np.arange(64), full(64, 4, 2))
+        writer.snapshot("two")
+        writer.checkpoint()
+        with Serving(live) as serving:
+            assert (serving.lookup({"a": np.arange(64)})[1]["a"] == 2).all()
+            serving.switch_to_snapshot(live / "snapshots", "one", tmp_path / "s1")
+            (path, _), rows = serving.lookup({"a": np.arange(64)})
+            assert path == str(tmp_path / "s1") and (rows["a"] == 1).all()
+            serving.switch_to_snapshot(live / "snapshots", "two", tmp_path / "s2")
+            assert (serving.lookup({"a": np.arange(64)})[1]["a"] == 2).all()
+            with pytest.raises(embstore.errors.SnapshotNotFoundError):
+                serving.switch_to_snapshot(live / "snapshots", "three", tmp_path / "s3")
+            assert serving.path == tmp_path / "s2"  # a failed switch leaves it serving
