@@ -249,6 +249,10 @@ static inline void es_request_rows(const es_view *v, const void *ids, int id64, 
         uintptr_t first = (uintptr_t)es_row_ptr(v, row);
         uintptr_t start = first & ~(page - 1), end = first + (uintptr_t)v->stride;
         (void)madvise((void *)start, end - start, MADV_WILLNEED); /* advice: errors harmless */
+        /* and the page of its seqlock counter: at 16 GB the counters of 4096 random rows
+         * sit on ~2000 pages of their own, as cold as the rows */
+        uintptr_t seq = (uintptr_t)es_seq_ptr(v, row) & ~(page - 1);
+        (void)madvise((void *)seq, page, MADV_WILLNEED);
     }
 }
 
