@@ -94,7 +94,11 @@ class Catalog:
             live.publish(meta.num_rows, self.manifest.checkpoint_lsn, meta.num_shards)
         if cache_bytes is None:
             cache_bytes = self.default_cache_bytes(name)
-        return Table(name, meta, directory, shards, live, index, cache_bytes, self.writer)
+        table = Table(name, meta, directory, shards, live, index, cache_bytes, self.writer)
+        # its companion tables (``name@meta``...), opened on use
+        table._companion = lambda suffix: self.get(name + suffix) \
+            if name + suffix in self.manifest else None
+        return table
 
     def default_cache_bytes(self, name: str) -> int:
         """The ``cache_bytes`` setting for this table: a per-table budget when it is a

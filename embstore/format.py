@@ -52,8 +52,13 @@ The file size MUST be exactly 24 + N. The body holds::
          "init_scale": float >= 0, "init_seed": int in [0, 2**63),
          "step": int >= 0,           # optimizer steps applied (Adam bias correction)
          "optimizer": null | {...},  # config of the optimizer owning the slot tables
-         "fill": float}},            # slot tables: a zero-filled row reads as this value
+         "fill": float,              # slot tables: a zero-filled row reads as this value
                                      # (stored bits = value bits XOR fill bits)
+         "admit_after": int in [0, 65536),  # optional, keyed tables: an unknown key
+                                     # gets a row on its n-th sighting (0, 1: at once)
+         "eviction": {"ttl": null | int >= 0, "max_keys": null | int >= 0,
+                      "policy": "lru" | "lfu"}}},  # optional, keyed tables: evict by
+                                     # this policy at every checkpoint
      "renames": {new: old}}          # optional: a rename in progress (see below)
 
 A reader MUST check that num_rows <= num_shards * rows_per_shard, that every number is
@@ -484,6 +489,12 @@ def validate_manifest(body: Any, path: str) -> None:
         need(_is_int(t.get("step", 0), 0, 2**63), f"table {name!r}: bad step")
         need(t.get("optimizer") is None or isinstance(t.get("optimizer"), dict),
              f"table {name!r}: optimizer is not an object")
+        need(_is_int(t.get("admit_after", 0), 0, 65536), f"table {name!r}: bad admit_after")
+        ev = t.get("eviction")
+        need(ev is None or (isinstance(ev, dict) and ev.get("policy") in ("lru", "lfu")
+                            and all(ev.get(k) is None or _is_int(ev.get(k), 0, 2**63)
+                                    for k in ("ttl", "max_keys"))),
+             f"table {name!r}: bad eviction policy")
         fill = t.get("fill", 0.0)
         need(isinstance(fill, (int, float)) and abs(fill) < float("inf"),
              f"table {name!r}: bad fill")

@@ -73,6 +73,8 @@ class TableMeta:
     step: int = 0                      # optimizer steps applied (Adam's bias correction)
     optimizer: dict[str, Any] | None = None  # config of the optimizer that owns the slots
     fill: float = 0.0                  # slot tables: what a zero-filled row reads as
+    admit_after: int = 0               # keyed tables: a key gets a row on its n-th sighting
+    eviction: dict[str, Any] | None = None  # keyed tables: evict at checkpoint by this policy
 
     @property
     def stride(self) -> int:
@@ -87,7 +89,11 @@ class TableMeta:
                            self.chunk_rows)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        for optional in ("admit_after", "eviction"):  # absent unless set: same bytes as before
+            if not body[optional]:
+                del body[optional]
+        return body
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> "TableMeta":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -33,7 +33,10 @@ from embstore.interop.npy import write_npy_rows
 from embstore.interop.parquet import write_parquet
 from embstore.interop.tfrecord import write_tfrecord
 from embstore.keys import KeyIndex, init_rows
+from embstore.keys.keyfile import TOMBSTONE
+from embstore.keys.metadata import COLUMNS as METADATA_COLUMNS
 from embstore.progress import ProgressArg
+from embstore.table_keys import KeyLifecycle
 from embstore.storage import SHARD_NAME, LiveFile, ShardSet, TableMeta
 
 # Per cached row beyond the float32 values: slot metadata (24 B) and up to four hash
@@ -61,8 +64,19 @@ class RowWriter(Protocol):
     def import_file(self, table: "Table", fmt: str, path: Path, progress: ProgressArg,
                     **options: Any) -> int: ...
 
+    def delete(self, table: "Table", keys: Any, missing_ok: bool) -> Any: ...
 
-class Table:
+    def track_keys(self, table: "Table") -> None: ...
+
+    def set_admission(self, table: "Table", after: int) -> None: ...
+
+    def schedule_eviction(self, table: "Table", ttl: int | None, max_keys: int | None,
+                          policy: str) -> None: ...
+
+    def evict(self, table: "Table", **policy: Any) -> Any: ...
+
+
+class Table(KeyLifecycle):
     """One named table of a store. Obtain with ``store[name]`` or ``store.table(name)``.
 
     numpy-like: ``table.shape``, ``table.dtype`` (float32, what reads return),
@@ -82,6 +96,8 @@ class Table:
         self._cache_bytes = 0
         self.set_cache_bytes(cache_bytes)
         self._grow_lock = threading.Lock()
+        # the store's companion tables of this one by suffix (set by the catalog)
+        self._companion: Callable[[str], "Table | None"] = lambda suffix: None
 
     # --- properties -----------------------------------------------------------------
 
@@ -317,8 +333,9 @@ class Table:
 
     @property
     def num_keys(self) -> int:
-        """Keyed tables: how many keys the index holds (each has its row)."""
-        return self._keyed().count
+        """Keyed tables: how many keys the index holds (each has its row; rows that
+        deleted keys left, free until a new key takes them, are not counted)."""
+        return self._keyed().live_count
 
     def rows_of(self, keys: object) -> np.ndarray:
         """Keyed tables: the row of each key (same shape), -1 where the key is unknown."""
@@ -326,10 +343,13 @@ class Table:
         index = self._keyed()
         return index.lookup(index.to_int64(keys))
 
-    def keys_of(self, rows: object) -> np.ndarray:
-        """Keyed tables: the int64 key of each row (for bytes keys, their int64 form)."""
+    def keys_of(self, rows: object, *, original: bool = False) -> np.ndarray:
+        """Keyed tables: the int64 key of each row (for bytes keys, their int64 form);
+        ``original=True``: a bytes table's keys as they were inserted (object array of
+        bytes, None at a free row)."""
         self._check_open()
-        return self._keyed().keys_of(rows)
+        index = self._keyed()
+        return index.original_keys_of(rows) if original else index.keys_of(rows)
 
     # --- bulk reads -------------------------------------------------------------------
 
@@ -360,14 +380,35 @@ class Table:
                                   dtype, dim)
 
     def iter_ids_and_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, rows) chunks in row order: row numbers, or keys for a keyed table."""
+        """(ids, rows) chunks in row order: row numbers, or keys for a keyed table (free
+        rows, which deleted keys left, are skipped). A bytes table's keys come as the
+        original bytes (object array)."""
+        for ids, rows, _ in self._iter_export():
+            yield ids, rows
+
+    def _iter_export(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, rows, row numbers) chunks: ``iter_ids_and_rows`` with the rows' numbers."""
         first = 0
         for rows in self.iter_rows():
             ids = np.arange(first, first + len(rows), dtype=np.int64)
-            if self._index is not None:
-                ids = self._index.keys_of(ids)
-            yield ids, rows
             first += len(rows)
+            if self._index is not None:
+                row_ids, ids = ids, self._index.keys_of(ids)
+                live = ids != TOMBSTONE
+                if not live.all():
+                    ids, rows, row_ids = ids[live], rows[live], row_ids[live]
+                if self._meta.key_type == "bytes":
+                    ids = self._index.original_keys_of(row_ids)
+            else:
+                row_ids = ids
+            yield ids, rows, row_ids
+
+    @property
+    def _export_rows(self) -> int:
+        """Rows an export of (ids, rows) writes: every row, less the free ones."""
+        if self._index is None:
+            return self._meta.num_rows
+        return self._meta.num_rows - len(self._index.free_rows_now())
 
     def export_npy(self, path: str | Path, *, progress: ProgressArg = False) -> None:
         """Write all rows, decoded to float32, to a .npy file, in bounded chunks. The file
@@ -379,18 +420,27 @@ class Table:
     def export_parquet(self, path: str | Path, *, progress: ProgressArg = False,
                        id_column: str = "id", vector_column: str = "embedding") -> None:
         """Write (id, embedding) rows to a Parquet file (needs pyarrow): ids are row
-        numbers, or keys for a keyed table."""
+        numbers, or keys for a keyed table (a bytes table's original keys, as binary).
+        A table that tracks its keys adds int64 columns ``updates``, ``last_step`` and
+        ``insert_step``; importers read only the id and embedding columns."""
         self._check_open()
-        write_parquet(Path(path), self.iter_ids_and_rows(), self._meta.num_rows,
+        tracked = self._index is not None and self.tracks_keys
+        write_parquet(Path(path), self._iter_export_metadata() if tracked else
+                      self.iter_ids_and_rows(), self._export_rows,
                       self._meta.dim, progress, f"export {self.name}", id_column,
-                      vector_column, fs=self._shards.fs)
+                      vector_column, fs=self._shards.fs,
+                      binary_ids=self._meta.key_type == "bytes",
+                      extra_columns=METADATA_COLUMNS if tracked else ())
 
     def export_tfrecord(self, path: str | Path, *, progress: ProgressArg = False,
                         id_feature: str = "id", vector_feature: str = "embedding") -> None:
         """Write one tf.train.Example per row (int64 ``id``, float list ``embedding``),
         readable by tf.data; no TensorFlow needed to write it."""
         self._check_open()
-        write_tfrecord(Path(path), self.iter_ids_and_rows(), self._meta.num_rows, progress,
+        ids_rows = self.iter_ids_and_rows()
+        if self._meta.key_type == "bytes":  # TFRecord ids are int64: the keys' int64 form
+            ids_rows = ((self._index.to_int64(list(i)), r) for i, r in ids_rows)
+        write_tfrecord(Path(path), ids_rows, self._export_rows, progress,
                        f"export {self.name}", id_feature, vector_feature, fs=self._shards.fs)
 
     # --- writes: handed to the writer -------------------------------------------------

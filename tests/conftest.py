@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import traceback
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -170,4 +171,34 @@ def shard_path(store_path: Path, table: str, index: int = 0) -> Path:
 
 __all__ = ["DTYPES", "DIMS", "HEADER_BYTES", "create_store", "random_rows", "flip", "poke",
            "fix_shard_crc", "fix_manifest_crcs", "raw_manifest", "shard_path", "SmallTable",
-           "make_small_table"]
+           "make_small_table", "run_in_child", "crash_after_ops"]
+
+
+def run_in_child(fn: Callable[[], None]) -> None:
+    """Run fn in a forked child that exits with os._exit, never closing what it opened:
+    the store is left exactly as a killed process leaves it (the page cache survives)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            fn()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child failed: {status}"
+
+
+def crash_after_ops(path: Path, ops: list, checkpoint_at: int,
+                    do: Callable[[Any, Any], None]) -> None:
+    """A writer process opens the store at ``path``, runs ``do(store, op)`` for each op
+    (checkpointing before op number ``checkpoint_at``) and dies without closing: every op
+    returned, so all are acknowledged; the store is left as a crash leaves it."""
+    def child() -> None:
+        store = embstore.open(path, "r+")
+        for i, op in enumerate(ops):
+            if i == checkpoint_at:
+                store.checkpoint()
+            do(store, op)
+    run_in_child(child)

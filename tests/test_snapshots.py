@@ -378,6 +378,46 @@ def test_diff_exports_the_changed_rows_with_their_ids_and_keys(tmp_path, fmt):
     assert sum(len(i) for i, _ in full.changed()) == 3000
 
 
+@pytest.mark.parametrize("fmt", ["npy", "parquet", "tfrecord"])
+@pytest.mark.parametrize("table", ["keyed", "words"])
+def test_diff_exports_tombstones_of_deleted_keys_and_no_free_rows(tmp_path, fmt, table):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    def key(i):
+        return 1000 + i if table == "keyed" else f"w{i}".encode()
+    with make_store(tmp_path / "s") as store:
+        t = store[table]
+        store.snapshot("a")
+        t.delete([key(3), key(7), key(9)])
+        t.insert([key(777)], random_rows(1, t.dim, seed=6))   # takes a freed row
+        t.delete([key(11)])
+        t.insert([key(11)], random_rows(1, t.dim, seed=7))    # deleted, then back
+        store.snapshot("b")
+        want = t.gather([key(777), key(11)])
+    repo = open_repo(tmp_path / "s" / "snapshots")
+    for old in ("a", None):  # the deltas path, and the block-by-block comparison
+        d = repo.diff(old, "b", table)
+        dead = [k for chunk in d.tombstones() for k in list(chunk)]
+        assert sorted(dead) == (sorted([key(3), key(7), key(9), key(11)]) if old else [])
+        out = tmp_path / f"{table}-{old}.{fmt}"
+        report = export_delta(d, out, fmt)
+        if old is None:
+            continue
+        assert report["tombstones"] == 4
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            rows = pq.read_table(out).to_pylist()
+            gone = sorted(r["id"] for r in rows if r["op"] == 2)
+            assert gone == sorted([key(3), key(7), key(9), key(11)])
+            ups = {r["id"]: r["embedding"] for r in rows if r["op"] == 1}
+            assert set(ups) == {key(777), key(11)}  # no upsert for a free row
+            np.testing.assert_allclose([ups[key(777)], ups[key(11)]], want)
+        elif fmt == "npy":
+            gone = np.load(out / "deleted.npy")
+            assert len(gone) == 4
+            assert len(np.load(out / "ids.npy")) == 2
+
+
 def test_ship_copies_only_missing_chunks_and_the_destination_restores(tmp_path):
     with make_store(tmp_path / "s") as store:
         store.snapshot("a")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +36,7 @@ from embstore.writer.optimizer_steps import read_slot
 
 from embstore.faultyfs import FaultyFileSystem
 
-from conftest import lazy_adam_reference
+from conftest import crash_after_ops, lazy_adam_reference, run_in_child
 
 N_ROWS, DIM, BATCH, STEPS = 1000, 16, 256, 50
 
@@ -87,22 +85,6 @@ def train(table: embstore.Table, opt: Any, todo) -> None:
 
 def log_end(store: embstore.Store) -> int:
     return store._writer.log.end_lsn
-
-
-def run_in_child(fn: Callable[[], None]) -> None:
-    """Run fn in a forked child that exits with os._exit, never closing what it opened:
-    the store is left exactly as a killed process leaves it (the page cache survives)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 0
-        try:
-            fn()
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child failed: {status}"
 
 
 # --- parity with TensorFlow ----------------------------------------------------------------
@@ -805,15 +787,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(todo=st.lists(ops, min_size=0, max_size=4), checkpoint_at=st.integers(-1, 4))
     def crash(self, todo: list, checkpoint_at: int) -> None:
         self.store.close()
-        path = self.path
-
-        def child() -> None:
-            store = embstore.open(path, "r+")
-            for i, op in enumerate(todo):
-                if i == checkpoint_at:
-                    store.checkpoint()
-                do_op(store, op)
-        run_in_child(child)
+        crash_after_ops(self.path, todo, checkpoint_at, do_op)
         for op in todo:  # every op returned in the child: all acknowledged
             self.model.apply(op)
         self.store = embstore.open(self.path, "r+")

@@ -6,8 +6,10 @@
  *
  * Layout (see embstore/index.py for the file format this reads):
  *   keys   the table's dense row -> key array (int64), read through a read-only shared
- *          mapping of the keys file. Rows are never removed, so a row's key never
- *          changes once written.
+ *          mapping of the keys file. A deleted key's row holds KH_TOMB (INT64_MIN, a
+ *          key no table may use) until a new key reuses the row; the writer changes a
+ *          row's key only after removing nothing: a slot left pointing at a row whose key
+ *          changed ("stale") is harmless, because every hit is confirmed by keys[row].
  *   slots  an open-addressing table of uint32 (row + 1; 0 = empty), linear probing,
  *          power-of-two capacity, load factor <= 0.7. A slot holds a row, not a key, so
  *          the table costs 4 bytes a slot; a candidate is confirmed by keys[row] == key.
@@ -45,6 +47,8 @@
 /* Load factor bound 7/10: linear probing stays ~2 probes per hit, ~6 per miss. */
 #define KH_LOAD_NUM 7u
 #define KH_LOAD_DEN 10u
+/* The key of a free (deleted, not yet reused) row; never indexed, never found. */
+#define KH_TOMB INT64_MIN
 /* Smallest table: growth below this is not worth a rehash. */
 #define KH_MIN_CAPACITY ((uint64_t)1024)
 /* Keys per prefetch group in lookup: enough misses in flight to hide DRAM latency,
@@ -74,6 +78,7 @@ typedef struct {
     uint32_t *slots;       /* NULL until the first extend() */
     uint64_t mask;         /* capacity - 1 */
     uint64_t n;            /* rows 0..n-1 are in the table */
+    uint64_t used;         /* occupied slots, stale ones included (load factor) */
     uint64_t seed;         /* per-instance: crafted keys cannot target slots */
     pthread_rwlock_t lock; /* lookups read, swap/insert writes */
     pthread_mutex_t grow;  /* one extender at a time */
@@ -101,12 +106,35 @@ static uint64_t kh_capacity_for(uint64_t n)
 }
 
 /*
+ * Insert one row into slots. Returns -1 on success (or when the row is indexed already:
+ * a stale slot of the row sits on the key's probe chain), else the other row holding
+ * the same key. Free rows (KH_TOMB) are skipped. *added counts occupied slots.
+ */
+static inline int64_t kh_insert_one(uint32_t *slots, uint64_t mask, uint64_t seed,
+                                    const int64_t *keys, uint64_t r, uint64_t *added)
+{
+    int64_t key = keys[r];
+    if (key == KH_TOMB)
+        return -1;
+    uint64_t i = kh_home(seed, key, mask);
+    uint32_t s;
+    while ((s = slots[i]) != 0) {
+        if (keys[s - 1] == key)
+            return (uint64_t)(s - 1) == r ? -1 : (int64_t)(s - 1);
+        i = (i + 1) & mask;
+    }
+    slots[i] = (uint32_t)(r + 1);
+    (*added)++;
+    return -1;
+}
+
+/*
  * Insert rows [from, to) into slots. Returns -1 on success, or the row whose key was
  * already present (then *other gets the earlier row). No lock: the caller owns slots or
  * holds the write lock. The keys were written before to <= file size was checked.
  */
 static int64_t kh_insert_rows(uint32_t *slots, uint64_t mask, uint64_t seed, const int64_t *keys,
-                              uint64_t from, uint64_t to, int64_t *other)
+                              uint64_t from, uint64_t to, int64_t *other, uint64_t *added)
 {
     /* Prefetch the home slot a few rows ahead: a build is otherwise one DRAM miss per
      * key on the slot array, which dominates at millions of keys. */
@@ -114,19 +142,19 @@ static int64_t kh_insert_rows(uint32_t *slots, uint64_t mask, uint64_t seed, con
     for (uint64_t r = from; r < to; r++) {
         if (r + AHEAD < to)
             PREFETCH(&slots[kh_home(seed, keys[r + AHEAD], mask)]);
-        int64_t key = keys[r];
-        uint64_t i = kh_home(seed, key, mask);
-        uint32_t s;
-        while ((s = slots[i]) != 0) {
-            if (keys[s - 1] == key) {
-                *other = (int64_t)(s - 1);
-                return (int64_t)r;
-            }
-            i = (i + 1) & mask;
+        int64_t o = kh_insert_one(slots, mask, seed, keys, r, added);
+        if (o >= 0) {
+            *other = o;
+            return (int64_t)r;
         }
-        slots[i] = (uint32_t)(r + 1);
     }
     return -1;
+}
+
+/* Would adding m slots push the table past the load factor? */
+static inline int kh_overfull(const KeyHash *self, uint64_t m)
+{
+    return (self->used + m) * KH_LOAD_DEN > (self->mask + 1) * KH_LOAD_NUM;
 }
 
 /*
@@ -241,6 +269,7 @@ static int KeyHash_init(KeyHash *self, PyObject *args, PyObject *kwds)
     self->slots = NULL;
     self->mask = 0;
     self->n = 0;
+    self->used = 0;
     self->seed = seed;
     return 0;
 }
@@ -277,13 +306,59 @@ static int kh_count_arg(KeyHash *self, PyObject *arg, uint64_t *count)
  * Raises ValueError naming both rows if a key occurs twice (keys file damaged): the
  * table is then left exactly as it was, so lookups in other threads stay correct.
  */
+/*
+ * Build a fresh table of rows [0, n) (free rows skipped, stale slots dropped) off to the
+ * side, at the capacity n needs, and swap it in under the write lock. Lookups keep using
+ * the old table meanwhile. Called with the grow mutex held. Returns 0, 1 (no memory) or
+ * 2 (a key at two rows: *dup and *other set, nothing changed).
+ */
+static int kh_rebuild(KeyHash *self, uint64_t n, int64_t *dup, int64_t *other)
+{
+    uint64_t cap = kh_capacity_for(n);
+    if (cap == 0)
+        return 1;
+    uint32_t *fresh = kh_slots_alloc(cap);
+    if (fresh == NULL)
+        return 1;
+    uint64_t used = 0;
+    *dup = kh_insert_rows(fresh, cap - 1, self->seed, self->keys, 0, n, other, &used);
+    if (*dup >= 0) {
+        kh_slots_free(fresh, cap);
+        return 2;
+    }
+    pthread_rwlock_wrlock(&self->lock);
+    uint32_t *old = self->slots;
+    uint64_t old_cap = self->mask + 1;
+    self->slots = fresh;
+    self->mask = cap - 1;
+    self->n = n;
+    self->used = used;
+    pthread_rwlock_unlock(&self->lock);
+    kh_slots_free(old, old_cap);
+    return 0;
+}
+
+static PyObject *kh_rebuild_error(KeyHash *self, int rc, int64_t dup, int64_t other)
+{
+    if (rc == 1)
+        return PyErr_NoMemory();
+    PyErr_Format(PyExc_ValueError, "key %lld occurs at rows %lld and %lld",
+                 (long long)self->keys[dup], (long long)other, (long long)dup);
+    return NULL;
+}
+
+/*
+ * extend(new_count): add rows [n, new_count) of the keys array to the table.
+ * Raises ValueError naming both rows if a key occurs twice (keys file damaged): the
+ * table is then left exactly as it was, so lookups in other threads stay correct.
+ */
 static PyObject *KeyHash_extend(KeyHash *self, PyObject *arg)
 {
     uint64_t new_n;
     if (!kh_count_arg(self, arg, &new_n))
         return NULL;
     int64_t dup = -1, other = -1;
-    int nomem = 0, shrink = 0;
+    int rc = 0, shrink = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->grow);
     uint64_t old_n = self->n;
@@ -292,39 +367,27 @@ static PyObject *KeyHash_extend(KeyHash *self, PyObject *arg)
     } else if (new_n > old_n || self->slots == NULL) {
         uint64_t cap = kh_capacity_for(new_n);
         if (cap == 0) {
-            nomem = 1;
-        } else if (self->slots == NULL || cap > self->mask + 1) {
-            /* Grow: build the whole new table off to the side (lookups keep using the
-             * old one), then swap under the write lock. Rebuilding from keys[] reads rows
-             * sequentially, which is faster than walking the old slots. */
-            uint32_t *fresh = kh_slots_alloc(cap);
-            if (fresh == NULL) {
-                nomem = 1;
-            } else {
-                dup = kh_insert_rows(fresh, cap - 1, self->seed, self->keys, 0, new_n, &other);
-                if (dup >= 0) {
-                    kh_slots_free(fresh, cap);
-                } else {
-                    pthread_rwlock_wrlock(&self->lock);
-                    uint32_t *old = self->slots;
-                    uint64_t old_cap = self->mask + 1;
-                    self->slots = fresh;
-                    self->mask = cap - 1;
-                    self->n = new_n;
-                    pthread_rwlock_unlock(&self->lock);
-                    kh_slots_free(old, old_cap);
-                }
-            }
+            rc = 1;
+        } else if (self->slots == NULL || cap > self->mask + 1 || kh_overfull(self, new_n - old_n)) {
+            /* Grow (or shed stale slots): rebuilding from keys[] reads rows sequentially,
+             * which is faster than walking the old slots. */
+            rc = kh_rebuild(self, new_n, &dup, &other);
         } else {
             pthread_rwlock_wrlock(&self->lock);
+            uint64_t added = 0;
             dup = kh_insert_rows(self->slots, self->mask, self->seed, self->keys, old_n, new_n,
-                                 &other);
+                                 &other, &added);
+            self->used += added;
             if (dup >= 0) {
                 /* Roll back: linear probing has no cheap delete, so rebuild the old rows
                  * (known duplicate-free) at the same capacity. Error path only. */
                 memset(self->slots, 0, (size_t)(self->mask + 1) * sizeof(uint32_t));
                 int64_t o2;
-                (void)kh_insert_rows(self->slots, self->mask, self->seed, self->keys, 0, old_n, &o2);
+                uint64_t again = 0;
+                (void)kh_insert_rows(self->slots, self->mask, self->seed, self->keys, 0, old_n,
+                                     &o2, &again);
+                self->used = again;
+                rc = 2;
             } else {
                 self->n = new_n;
             }
@@ -339,13 +402,26 @@ static PyObject *KeyHash_extend(KeyHash *self, PyObject *arg)
                      (unsigned long long)self->n);
         return NULL;
     }
-    if (nomem)
-        return PyErr_NoMemory();
-    if (dup >= 0) {
-        PyErr_Format(PyExc_ValueError, "key %lld occurs at rows %lld and %lld",
-                     (long long)self->keys[dup], (long long)other, (long long)dup);
+    if (rc)
+        return kh_rebuild_error(self, rc, dup, other);
+    Py_RETURN_NONE;
+}
+
+/* rebuild(): index rows [0, n) afresh: what a reader does when the writer changed the
+ * keys of rows it had indexed (deletes, reused rows), and what drops stale slots. */
+static PyObject *KeyHash_rebuild(KeyHash *self, PyObject *unused)
+{
+    if (!kh_ready(self))
         return NULL;
-    }
+    int64_t dup = -1, other = -1;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->grow);
+    rc = kh_rebuild(self, self->n, &dup, &other);
+    pthread_mutex_unlock(&self->grow);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        return kh_rebuild_error(self, rc, dup, other);
     Py_RETURN_NONE;
 }
 
@@ -432,12 +508,62 @@ static PyObject *KeyHash_lookup(KeyHash *self, PyObject *args)
                     i = (i + 1) & mask;
                     s = slots[i];
                 }
-                out[base + j] = row;
+                out[base + j] = kk[j] == KH_TOMB ? -1 : row;  /* free rows hold KH_TOMB */
             }
         }
     }
     pthread_rwlock_unlock(&self->lock);
     Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/*
+ * insert_rows(rows): index rows below n whose keys the writer just wrote (rows a deleted
+ * key freed, now reused by new keys). A key already at another row is ValueError (the
+ * caller validated the batch, so this is damage); the table is then rebuilt from keys[].
+ */
+static PyObject *KeyHash_insert_rows(KeyHash *self, PyObject *arg)
+{
+    npy_intp m;
+    if (!kh_ready(self) || !kh_array_arg(arg, NPY_INT64, 0, "rows", &m))
+        return NULL;
+    const int64_t *rows = (const int64_t *)PyArray_DATA((PyArrayObject *)arg);
+    for (npy_intp j = 0; j < m; j++) {
+        if (rows[j] < 0 || (uint64_t)rows[j] >= self->n) {
+            PyErr_Format(PyExc_ValueError, "row %lld is not below the %llu rows indexed",
+                         (long long)rows[j], (unsigned long long)self->n);
+            return NULL;
+        }
+    }
+    int64_t dup = -1, other = -1;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->grow);
+    if (self->slots == NULL || kh_overfull(self, (uint64_t)m)) {
+        rc = kh_rebuild(self, self->n, &dup, &other);  /* includes the rows */
+    } else {
+        pthread_rwlock_wrlock(&self->lock);
+        uint64_t added = 0;
+        for (npy_intp j = 0; j < m && dup < 0; j++) {
+            int64_t o = kh_insert_one(self->slots, self->mask, self->seed, self->keys,
+                                      (uint64_t)rows[j], &added);
+            if (o >= 0) {
+                dup = rows[j];
+                other = o;
+            }
+        }
+        self->used += added;
+        pthread_rwlock_unlock(&self->lock);
+        if (dup >= 0) {
+            int64_t d2, o2;
+            (void)kh_rebuild(self, self->n, &d2, &o2);
+            rc = 2;
+        }
+    }
+    pthread_mutex_unlock(&self->grow);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        return kh_rebuild_error(self, rc, dup, other);
     Py_RETURN_NONE;
 }
 
@@ -500,6 +626,11 @@ static PyObject *KeyHash_get_capacity(KeyHash *self, void *closure)
     return PyLong_FromUnsignedLongLong(self->slots ? self->mask + 1 : 0);
 }
 
+static PyObject *KeyHash_get_used(KeyHash *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->used);
+}
+
 /* Bytes of RAM the table itself holds (the keys live in the page cache). */
 static PyObject *KeyHash_get_nbytes(KeyHash *self, void *closure)
 {
@@ -508,6 +639,10 @@ static PyObject *KeyHash_get_nbytes(KeyHash *self, void *closure)
 
 static PyMethodDef KeyHash_methods[] = {
     {"extend", (PyCFunction)KeyHash_extend, METH_O, "extend(count): index rows [n, count)."},
+    {"insert_rows", (PyCFunction)KeyHash_insert_rows, METH_O,
+     "insert_rows(rows): index reused rows below count (their keys already written)."},
+    {"rebuild", (PyCFunction)KeyHash_rebuild, METH_NOARGS,
+     "rebuild(): index rows [0, count) afresh (after keys of indexed rows changed)."},
     {"lookup", (PyCFunction)KeyHash_lookup, METH_VARARGS,
      "lookup(keys, out): row per int64 key, -1 if unknown (GIL released)."},
     {"keys_view", (PyCFunction)KeyHash_keys_view, METH_O,
@@ -520,6 +655,7 @@ static PyMethodDef KeyHash_methods[] = {
 static PyGetSetDef KeyHash_getset[] = {
     {"count", (getter)KeyHash_get_count, NULL, "rows in the table", NULL},
     {"capacity", (getter)KeyHash_get_capacity, NULL, "slots (power of two)", NULL},
+    {"used", (getter)KeyHash_get_used, NULL, "occupied slots, stale ones included", NULL},
     {"nbytes", (getter)KeyHash_get_nbytes, NULL, "bytes of slot memory", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -10,7 +10,7 @@ import numpy as np
 
 from embstore.errors import Fault, FormatError
 from embstore.keys import KeyIndex
-from embstore.keys.keyfile import HEADER_SIZE
+from embstore.keys.keyfile import HEADER_SIZE, TOMBSTONE
 
 MAX_FAULTS = 10  # per kind; the rest are counted in one more line
 
@@ -67,7 +67,7 @@ def check_key_index(ix: KeyIndex) -> list[Fault]:
         out.add(kpath, "key mismatch", (f"row {rows[i]} holds key {view[rows[i]]}, LMDB maps "
                                         f"key {_key(keys, raw, i)} to it" for i in differ))
         if raw is not None:
-            hk, hn = np.unique(keys, return_counts=True)
+            hk, hn = np.unique(keys[keys != TOMBSTONE], return_counts=True)
             out.add(lpath, "collision", (f"{c} bytes keys share the 64-bit hash {h}"
                                          for h, c in zip(hk[hn > 1], hn[hn > 1])))
         hashed = ix.hashed_rows()

@@ -59,8 +59,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from embstore import __version__
-    from embstore.cli import (bench, check, demo, index, info, maintenance, rows, snapshot,
-                              stats, transfer, warm)
+    from embstore.cli import (bench, check, demo, index, info, keys, maintenance, rows,
+                              snapshot, stats, transfer, warm)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for module in (info, stats, rows, check, transfer, warm, bench, maintenance, index,
+    for module in (info, stats, rows, keys, check, transfer, warm, bench, maintenance, index,
                    snapshot, demo):
         module.register(sub, common)
     return parser

@@ -194,7 +194,18 @@ def jsonable(obj: Any) -> Any:
         return None
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, bytes):
+        return show_key(obj)
     return obj
+
+
+def show_key(key: Any) -> Any:
+    """A key for people: a bytes key as UTF-8 text (other bytes as \\x escapes), None
+    (a free row) as "-", an int as it is."""
+    if isinstance(key, bytes):
+        text = key.decode("utf-8", "backslashreplace")
+        return text if text.isprintable() else repr(key)[2:-1]
+    return "-" if key is None else key
 
 
 def print_json(obj: Any) -> None:

@@ -16,6 +16,7 @@ from embstore.cli._common import (
     parse_ids,
     parse_int_keys,
     print_json,
+    show_key,
 )
 
 GET_EPILOG = """\
@@ -95,8 +96,8 @@ def run_head(args: argparse.Namespace) -> int:
         ids = np.arange(min(args.n, table.num_rows), dtype=np.int64)
         result: dict[str, Any] = {"ids": ids, "vectors": table.gather_rows(ids)}
         if table.key_type is not None:
-            # int64 form: for bytes tables that is the BLAKE2b-64 hash of the key
-            result["keys"] = table.keys_of(ids) if len(ids) else ids
+            # bytes tables show their original keys (None at a row a deleted key freed)
+            result["keys"] = table.keys_of(ids, original=True) if len(ids) else ids
         _show(table, result, args)
     return 0
 
@@ -130,7 +131,7 @@ def _show(table: Any, result: dict[str, Any], args: argparse.Namespace) -> None:
     else:
         label = [("id", result["ids"].tolist())]
         if "keys" in result:
-            label.append(("key", result["keys"].tolist()))
+            label.append(("key", [show_key(k) for k in result["keys"].tolist()]))
     print(render(label, vectors, args.precision, args.wide))
 
 

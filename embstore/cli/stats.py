@@ -78,11 +78,45 @@ def run(args: argparse.Namespace) -> int:
             table = store.table(name)
             out[name] = table_stats(table, args.full, args.sample, args.seed)
             out[name]["cache"] = table.stats()
+            if table.key_type is not None:
+                out[name]["keys"] = key_stats(table)
     if args.json:
         print_json({"tables": out})
     else:
         print("\n\n".join(render(name, s) for name, s in out.items()) or "(no tables)")
     return 0
+
+
+def key_stats(table: Any) -> dict[str, Any]:
+    """Keys, free rows and (tracked tables) a summary of the key metadata, read in
+    bounded chunks of the metadata table."""
+    out: dict[str, Any] = {"num_keys": table.num_keys,
+                           "free_rows": table.num_rows - table.num_keys,
+                           "tracked": table.tracks_keys}
+    if not table.tracks_keys or not table.num_keys:
+        return out
+    updates, last = [], []
+    for chunk in _chunks(table.keys(), 1 << 16):
+        q = chunk if table.key_type == "bytes" else np.array(chunk, np.int64)
+        md = table.key_metadata(q)
+        updates.append(md["updates"])
+        last.append(md["last_step"])
+    u, s = np.concatenate(updates), np.concatenate(last)
+    out.update(updates={"min": int(u.min()), "mean": float(u.mean()), "max": int(u.max()),
+                        "once": int((u <= 1).sum())},
+               last_step={"min": int(s.min()), "max": int(s.max())}, step=table.step)
+    return out
+
+
+def _chunks(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def table_stats(table: Any, full: bool, sample: int, seed: int) -> dict[str, Any]:
@@ -227,8 +261,10 @@ def render(name: str, s: dict[str, Any]) -> str:
     how = (f"sample of {fmt_count(s['rows_examined'])} rows (seed {s['seed']})"
            if s["sampled"] else "all rows")
     lines = [f"{name}: {fmt_count(s['num_rows'])} rows x {s['dim']} {s['dtype']}, {how}"]
+    if "keys" in s:
+        lines.append("  " + key_text(s["keys"]))
     if not s["rows_examined"]:
-        return lines[0] + "\n  (empty table)"
+        return "\n".join(lines) + "\n  (empty table)"
     norm = s["norm"]
     lines.append(aligned([
         ["row norm"] + [f"{k} {fmt_float(norm[k])}" for k in ("min", "mean", "max", "std")],
@@ -239,6 +275,18 @@ def render(name: str, s: dict[str, Any]) -> str:
                  f"{fmt_count(s['nonfinite_rows'])} rows; zero rows {fmt_count(s['zero_rows'])}")
     lines.append("  range use  " + range_text(s["dtype"], s["range_use"]["fractions"]))
     return "\n".join(lines)
+
+
+def key_text(k: dict[str, Any]) -> str:
+    text = f"keys       {fmt_count(k['num_keys'])}; free rows {fmt_count(k['free_rows'])}"
+    if "updates" in k:
+        u, s = k["updates"], k["last_step"]
+        text += (f"\n  updates    min {u['min']}  mean {u['mean']:.3g}  max {u['max']}; "
+                 f"written once {fmt_count(u['once'])}\n  last step  {s['min']}..{s['max']} "
+                 f"(table step {k['step']})")
+    elif not k["tracked"]:
+        text += " (no key metadata: Table.track_keys())"
+    return text
 
 
 def histogram(edges: list[float], counts: list[int]) -> str:

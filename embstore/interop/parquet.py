@@ -133,25 +133,35 @@ def _vectors(col: Any, dim: int, first: int, path: Path) -> np.ndarray:
     return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, dim)
 
 
-def write_parquet(path: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], rows: int,
+def write_parquet(path: Path, chunks: Iterable[tuple[Any, ...]], rows: int,
                   dim: int, progress: bool | Callable[[int, int], None] = False,
                   label: str = "export", id_column: str = ID_COLUMN,
-                  vector_column: str = VECTOR_COLUMN, fs: FileSystem = REAL) -> None:
+                  vector_column: str = VECTOR_COLUMN, fs: FileSystem = REAL,
+                  binary_ids: bool = False, extra_columns: tuple[str, ...] = ()) -> None:
     """Write (ids, float32 rows) chunks, one row group each; the final name appears only
-    when the file is complete and synced."""
+    when the file is complete and synced. ``binary_ids``: ids are bytes (the keys of a
+    bytes-keyed table), written as a binary column that imports back as bytes keys.
+    ``extra_columns``: int64 columns after the two; the chunks then are (ids, rows,
+    {column: values})."""
     pa, pq = _pyarrow()
     path = Path(path)
-    schema = pa.schema([pa.field(id_column, pa.int64(), nullable=False),
-                        pa.field(vector_column, pa.list_(pa.float32(), dim), nullable=False)])
+    id_type = pa.binary() if binary_ids else pa.int64()
+    schema = pa.schema([pa.field(id_column, id_type, nullable=False),
+                        pa.field(vector_column, pa.list_(pa.float32(), dim), nullable=False)]
+                       + [pa.field(c, pa.int64(), nullable=False) for c in extra_columns])
 
     def write(tmp: Path) -> None:  # pyarrow writes the temp file by name itself
         written = 0
         with Progress(rows, label, progress) as bar, pq.ParquetWriter(tmp, schema) as writer:
-            for ids, vecs in chunks:
+            for chunk in chunks:
+                ids, vecs = chunk[0], chunk[1]
+                extra = [pa.array(np.asarray(chunk[2][c], np.int64))  # type: ignore[misc]
+                         for c in extra_columns]
                 vecs = np.ascontiguousarray(vecs, dtype=np.float32)
                 column = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)
-                table = pa.Table.from_arrays([pa.array(np.asarray(ids, np.int64)), column],
-                                             schema=schema)
+                id_array = pa.array(list(ids), pa.binary()) if binary_ids else \
+                    pa.array(np.asarray(ids, np.int64))
+                table = pa.Table.from_arrays([id_array, column] + extra, schema=schema)
                 writer.write_table(table, row_group_size=max(1, len(vecs)))
                 written += len(vecs)
                 bar.update(len(vecs))

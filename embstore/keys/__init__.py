@@ -1,11 +1,13 @@
 """Dynamic-key index: int64 or bytes keys -> dense row ids, on disk and in memory.
 
-Key index format, version 1
-===========================
+Key index format, version 2 (reads version 1)
+=============================================
 
 A table keyed by arbitrary keys (not dense row numbers) keeps a *key index* directory
-with three entries. The table assigns rows sequentially: the n-th distinct key ever
-recorded gets row n-1. Rows are never removed or reused.
+with three entries. A new key takes the lowest *free* row (a row a deleted key left),
+else the next row: with no deletions, the n-th distinct key ever recorded gets row n-1.
+Version 1 is an index no key was ever deleted from; the first deletion makes it version
+2 (LMDB ``version`` and the keys file header), which older packages refuse.
 
 ``keys.lmdb/``  (LMDB environment: ``data.mdb``, ``lock.mdb``) -- the record of truth.
 ``keys.bin``    dense row -> key array -- derived data, rebuilt from LMDB when in doubt.
@@ -13,10 +15,13 @@ recorded gets row n-1. Rows are never removed or reused.
 
 LMDB environment ``keys.lmdb/``
 -------------------------------
-Two named sub-databases (``max_dbs`` >= 2):
+Three named sub-databases (``max_dbs`` >= 3; this package opens 4):
 
 * ``meta``: ``b"format"`` -> ``b"embstore-keyindex"``; ``b"version"`` -> ASCII decimal
-  format version (``b"1"``); ``b"key_type"`` -> ``b"int64"`` or ``b"bytes"``.
+  format version (``b"1"``, or ``b"2"`` once a key was deleted); ``b"key_type"`` ->
+  ``b"int64"`` or ``b"bytes"``; ``b"lsn"`` (optional) -> ASCII decimal log position
+  just past the last log record whose key changes the index holds (written in the same
+  transaction as those changes).
   A reader MUST reject a missing ``format`` or ``key_type``, and a version it does not
   know (UnsupportedVersionError).
 * ``key2row``: one entry per key.
@@ -25,7 +30,27 @@ Two named sub-databases (``max_dbs`` >= 2):
   - bytes tables: key = the raw key bytes, 1 to 511 bytes (LMDB's key size limit).
     A ``str`` key is stored as its UTF-8 encoding, so ``"a"`` and ``b"a"`` are one key.
   - value = the row as 8-byte little-endian unsigned integer. Any other length is a fault.
-  The entries MUST be one-to-one onto rows ``0 .. entries-1``.
+* ``free`` (version 2; absent or empty in version 1): the free list, key = a row as
+  8-byte big-endian unsigned integer (a cursor walks rows in ascending order), value
+  empty. A writer creates it, empty, when it opens a version 1 index.
+
+``key2row`` values and ``free`` keys together MUST be one-to-one onto rows
+``0 .. n-1``, n = the keys file's count.
+
+Deleting keys
+-------------
+A deletion is logged first (a deletion entry, ``embstore.log.payload``), then applied:
+one synced LMDB transaction removes the keys from ``key2row``, puts their rows in
+``free``, sets ``version`` to 2 and ``lsn``; then the keys file gets TOMBSTONE
+(``-2**63``) at those rows and a new header (see below). A new key taking a free row is
+one transaction that adds it to ``key2row`` and removes the row from ``free``; then the
+key is written in place. Replay after a crash applies a record's key changes only if its
+end position is past ``lsn``: an old insert replayed after a later deletion freed and
+reused its row must not take the row back. Recovery first brings ``lsn`` back to the
+log's end if it is past it (records acknowledged before their sync, then lost).
+
+The key ``-2**63`` is reserved (InvalidArgumentError; a bytes key whose int64 form is
+``-2**63``: KeyCollisionError).
 
 Every ``assign`` is one LMDB write transaction committed with a synced commit (the
 environment is opened with ``sync=True, metasync=True``), and only after that commit are
@@ -64,21 +89,23 @@ All integers little-endian. A 64-byte header, then ``count`` int64 keys, row 0 f
 
     offset size field
     0      8    magic        b"\\x93EMBKEYS" (0x93 catches 7-bit / text-mode transfers)
-    8      2    version      uint16, 1. Not the package version.
+    8      2    version      uint16, 1, or 2 once a row was freed. Not the package version.
     10     2    header_size  uint16, 64. The keys start here, 64-byte aligned.
     12     4    key_type     uint32, 1 = int64, 2 = bytes (keys hold the int64 form)
     16     8    count        uint64, rows recorded; <= MAX_KEYS = 2**32 - 2
     24     4    data_crc     uint32, CRC-32 (zlib.crc32) of bytes [64, 64 + 8 * count)
-    28     32   reserved     MUST be zero
+    28     8    generation   version 2 only: uint64, in-place changes so far (rows
+                        freed or reused); in version 1 part of reserved
+    36     24   reserved     MUST be zero (version 1: bytes [28, 60) are zero)
     60     4    header_crc   uint32, CRC-32 (zlib.crc32) of bytes [0, 60)
-    64     8*count keys      int64, keys[row]
+    64     8*count keys      int64, keys[row]; TOMBSTONE (-2**63) at a free row
 
 * The file MUST be at least ``64 + 8 * count`` bytes. It MAY be longer: bytes past
   ``64 + 8 * count`` are the remains of an interrupted append, MUST be ignored by readers
   and are overwritten by the next append. The file never shrinks in place.
 * A reader MUST reject (and then rebuild from LMDB, see below): a file shorter than 64
   bytes or than ``64 + 8 * count`` (TruncatedFileError); a wrong magic (BadMagicError);
-  a version other than 1 (UnsupportedVersionError); a header_size other than 64, a
+  a version other than 1 or 2 (UnsupportedVersionError); a header_size other than 64, a
   key_type other than LMDB's, nonzero reserved bytes or count > MAX_KEYS (FormatError);
   a header_crc or data_crc mismatch (ChecksumError); a count below LMDB's
   ``key2row`` entry count (a count above it: "LMDB behind" above); and a key that
@@ -86,7 +113,12 @@ All integers little-endian. A 64-byte header, then ``count`` int64 keys, row 0 f
 * Append protocol (the writer, after the LMDB commit): ``pwrite`` the new keys at
   ``64 + 8 * count``, then ``pwrite`` the header with the new count and
   ``data_crc = zlib.crc32(new_key_bytes, old_data_crc)``. The data is written before the
-  header that covers it, so a reader that sees the new count also sees the keys. The
+  header that covers it, so a reader that sees the new count also sees the keys.
+* In-place protocol (after the LMDB commit that frees or reuses rows): ``pwrite`` each
+  changed key at ``64 + 8 * row``, then the header with ``data_crc`` recomputed over all
+  keys (O(count)) and ``generation`` + 1. A reader whose hash was built at another
+  generation re-checks ``data_crc`` over all keys and rebuilds its hash on
+  ``refresh()``. The
   keys file is not fsynced per append (it is derived data; LMDB carries durability):
   after a crash the CRCs or the count comparison catch any lost or reordered page.
 * A reader may read the header while the writer rewrites it; a header_crc mismatch on a
@@ -102,7 +134,10 @@ Built lazily on the first lookup (opening stays O(1)): the keys are checked agai
 ``data_crc`` and inserted into an open-addressing table of uint32 slots holding
 ``row + 1`` (0 = empty), linear probing, power-of-two capacity (>= 1024), load factor
 <= 0.7, slot = ``splitmix64_finalizer(key XOR seed) & (capacity - 1)`` with a random
-per-process seed. A candidate row is confirmed by ``keys[row] == key``.
+per-process seed. A candidate row is confirmed by ``keys[row] == key``. Free rows are
+not indexed and TOMBSTONE is never found. A deleted key's slot is left in place (it
+points at a row whose key is no longer the deleted one, so it never matches it); such
+stale slots count toward the load factor and are dropped when the table is rebuilt.
 
 Seeded row initialiser ``init_rows``
 ------------------------------------
@@ -122,6 +157,14 @@ widened later keeps the columns it had.
 Limitations
 -----------
 * At most MAX_KEYS = 2**32 - 2 keys per table (uint32 slots store row + 1).
+* The key ``-2**63`` is reserved for free rows. A version 1 index written by an older
+  package that holds it serves it as unknown.
+* A deletion or a reused row recomputes keys.bin's ``data_crc`` over the whole file
+  (O(count): about 8 bytes a key of CRC-32, see docs/KEYS.md), and readers rebuild
+  their hash after it; deletions are meant to come in batches (eviction), not one key
+  per step.
+* A writer that restores a rolled-back LMDB (``keys.restore``) does not restore the free
+  list; rows freed by deletions whose records are gone make it fail (IndexRollbackError).
 * Bytes keys: 1 to 511 bytes. A lookup of an *unknown* bytes key returns some row with
   probability about n / 2**64 (its int64 form equals a recorded key's); use
   ``lookup_exact`` where that matters. Assign detects every collision exactly.

@@ -66,6 +66,14 @@ def hash_bytes_keys(raw: Any) -> np.ndarray:
     return _keyhash.blake2b64(raw)
 
 
+def new_bytes_key_hashes(raw: list[bytes]) -> np.ndarray:
+    """Hashes of bytes keys about to be recorded, each checked to fit LMDB's key size."""
+    for b in raw:
+        if not 1 <= len(b) <= MAX_BYTES_KEY:
+            raise InvalidArgumentError(f"bytes keys must be 1..{MAX_BYTES_KEY} bytes, got {len(b)}")
+    return hash_bytes_keys(raw)
+
+
 def encode_int_key(key: int) -> bytes:
     return struct.pack(">q", key)
 

@@ -37,22 +37,24 @@ from embstore.errors import (
 )
 from embstore.fs import REAL, FileSystem
 from embstore.keys.convert import (
-    MAX_BYTES_KEY,
     as_bytes_list,
     as_int_keys,
     hash_bytes_keys,
     keys_to_int64,
+    new_bytes_key_hashes,
 )
 from embstore.keys.keyfile import (
     HEADER_SIZE,
     KEY_TYPES,
     MAX_KEYS,
+    TOMBSTONE,
+    header_generation,
     keys_file_bytes,
-    pack_header,
     unpack_header,
 )
-from embstore.keys.assign import check_existing, new_mapping
+from embstore.keys.assign import check_existing, new_mapping, reserved_key_error
 from embstore.keys.inspection import IndexInspection
+from embstore.keys.lifecycle import IndexLifecycle
 from embstore.keys.record import KeyRecord
 from embstore.keys.restore import KeySource, restore_keys, rolled_back
 
@@ -65,7 +67,7 @@ HEADER_RETRIES = 5  # a reader may catch the writer mid-header; retry before "da
 COUNT_RETRIES = 12  # a reader may catch the writer between LMDB commit and append (~0.4 s)
 
 
-class KeyIndex(IndexInspection):
+class KeyIndex(IndexInspection, IndexLifecycle):
     """int64 or bytes key -> row, durable in LMDB, served by a native hash.
 
     ``lookup`` is safe to call from many threads at once (the C hash takes a read lock
@@ -93,6 +95,10 @@ class KeyIndex(IndexInspection):
         self._count = 0
         self._data_crc = 0
         self._hashed_crc = 0  # data_crc of the rows already in the hash
+        self._generation = 0  # in-place changes of keys.bin (rows freed or reused) so far
+        self._stale = False  # rows the hash indexed changed keys: rebuild before use
+        self._free: np.ndarray | None = None  # writer: the free list, loaded on first use
+        self._applied: int | None = None  # applied_lsn, cached
         self._broken: str | None = None
         self._keys_path = os.path.join(self.directory, KEYS_FILE)
         self._lmdb_path = os.path.join(self.directory, LMDB_DIR)
@@ -109,6 +115,8 @@ class KeyIndex(IndexInspection):
             self.key_type = self._record.key_type
             self._type_code = KEY_TYPES[self.key_type]
             self._load()
+            if not readonly:  # an older package left no original bytes keys: add them
+                self._record.backfill_row2key()
         except BaseException:
             self.close()
             raise
@@ -165,11 +173,14 @@ class KeyIndex(IndexInspection):
 
     # --- loading and repair ---------------------------------------------------------
 
-    def _read_header(self, fd: int, path: str) -> tuple[int, int]:
-        """Header of an open keys file, retrying a CRC mismatch (writer mid-update)."""
+    def _read_header(self, fd: int, path: str) -> tuple[int, int, int]:
+        """(count, data_crc, generation) of an open keys file, retrying a CRC mismatch
+        (writer mid-update)."""
         for attempt in range(HEADER_RETRIES):
             try:
-                return unpack_header(os.pread(fd, HEADER_SIZE, 0), os.fstat(fd).st_size, path, self._type_code)
+                raw = os.pread(fd, HEADER_SIZE, 0)
+                count, crc = unpack_header(raw, os.fstat(fd).st_size, path, self._type_code)
+                return count, crc, header_generation(raw)
             except ChecksumError:
                 if attempt == HEADER_RETRIES - 1:
                     raise
@@ -190,7 +201,7 @@ class KeyIndex(IndexInspection):
                 # Header first, LMDB second: LMDB commits before the header is written,
                 # so a healthy pair always has count <= entries here, and count < entries
                 # in a reader may just be a writer between its commit and its append.
-                count, crc = self._read_header(fd, self._keys_path)
+                count, crc, gen = self._read_header(fd, self._keys_path)
                 entries = self._record.count()
                 if count >= entries or not self.readonly:
                     break
@@ -206,7 +217,7 @@ class KeyIndex(IndexInspection):
         if count != entries:
             os.close(fd)
             return self._repair(f"keys file has {count} keys, LMDB has {entries}")
-        self._install(fd, count, crc)
+        self._install(fd, count, crc, gen)
         if self._tmp is not None:  # keys.bin is sound again: leave degraded mode
             self._tmp.close()
             self._tmp = None
@@ -235,11 +246,12 @@ class KeyIndex(IndexInspection):
             return None
         return np.frombuffer(data, "<i8").astype(np.int64)
 
-    def _install(self, fd: int, count: int, crc: int) -> None:
+    def _install(self, fd: int, count: int, crc: int, generation: int) -> None:
         """Adopt fd as the keys file: map it (O(1)); the hash fills on first use."""
         if self._fd is not None:
             self._fs.close(self._fd)
         self._fd, self._count, self._data_crc = fd, count, crc
+        self._generation, self._stale, self._free = generation, False, None
         self._ino = os.fstat(fd).st_ino
         self._hash = _keyhash.KeyHash(fd, HEADER_SIZE, MAX_KEYS, int.from_bytes(os.urandom(8), "little"))
         self._hashed_crc = 0
@@ -255,7 +267,7 @@ class KeyIndex(IndexInspection):
             except FileNotFoundError:
                 self._damaged_ino = None
             tmp = tempfile.TemporaryFile(prefix="embstore-keys-")  # unlinked: dies with us
-            tmp.write(keys_file_bytes(self._type_code, keys))
+            tmp.write(keys_file_bytes(self._type_code, keys, self._generation + 1))
             tmp.flush()
             fd = os.dup(tmp.fileno())
             if self._tmp is not None:
@@ -263,19 +275,26 @@ class KeyIndex(IndexInspection):
             self._tmp = tmp
         else:
             # Temp file, fsync, rename, fsync the directory: old or new, never a mix.
-            self._fs.atomic_write(self._keys_path, keys_file_bytes(self._type_code, keys))
+            # generation moves on: readers that indexed the old file rebuild their hash
+            gen = self._generation + 1 if (keys == TOMBSTONE).any() or self._generation else 0
+            self._fs.atomic_write(self._keys_path, keys_file_bytes(self._type_code, keys, gen))
             fd = self._fs.open(self._keys_path, os.O_RDWR)
-        count, crc = self._read_header(fd, self._keys_path)
-        self._install(fd, count, crc)
+        count, crc, gen = self._read_header(fd, self._keys_path)
+        self._install(fd, count, crc, gen)
         self._broken = None
 
     def _keys_from_lmdb(self) -> np.ndarray:
         keys, rows, _, bad = self._record.scan()
+        free = self._record.free_rows()
+        if free.size:  # free rows hold TOMBSTONE (spec "Deleting keys")
+            keys = np.concatenate([keys, np.full(free.size, TOMBSTONE, np.int64)])
+            rows = np.concatenate([rows, free])
         n = len(rows)
         ok = not bad and (n == 0 or (rows.min() == 0 and rows.max() == n - 1 and len(np.unique(rows)) == n))
         if not ok:
-            raise FormatError("key2row is not one-to-one onto rows 0..n-1; cannot rebuild "
-                              "the keys file (run check() for details)", self._lmdb_path)
+            raise FormatError("key2row and the free list are not one-to-one onto rows "
+                              "0..n-1; cannot rebuild the keys file (run check() for details)",
+                              self._lmdb_path)
         out = np.empty(n, np.int64)
         out[rows] = keys
         return out
@@ -293,12 +312,12 @@ class KeyIndex(IndexInspection):
     def _ensure_hash(self) -> Any:
         """The hash holding rows [0, count), built or extended as needed."""
         h = self._hash
-        if h is not None and h.count == self._count and h.capacity:
+        if h is not None and h.count == self._count and h.capacity and not self._stale:
             return h
         with self._mutex:
             self._check_open()
             h = self._hash
-            if h.count == self._count and h.capacity:
+            if h.count == self._count and h.capacity and not self._stale:
                 return h
             try:
                 self._extend_hash()
@@ -313,12 +332,17 @@ class KeyIndex(IndexInspection):
 
     def _extend_hash(self) -> None:
         h = self._hash
-        # Check only the rows new to the hash: CRC-32 extends over appended bytes.
-        crc = zlib.crc32(h.keys_view(self._count)[h.count:], self._hashed_crc)
+        if self._stale:  # rows already indexed changed keys: check all, index afresh
+            crc = zlib.crc32(h.keys_view(self._count))
+        else:  # check only the rows new to the hash: CRC-32 extends over appended bytes
+            crc = zlib.crc32(h.keys_view(self._count)[h.count:], self._hashed_crc)
         if crc != self._data_crc:
             raise ChecksumError("data_crc does not match the keys", self._keys_path, HEADER_SIZE)
+        was_built = h.capacity > 0
         h.extend(self._count)
-        self._hashed_crc = crc
+        if self._stale and was_built:
+            h.rebuild()
+        self._hashed_crc, self._stale = crc, False
 
     def _check_open(self) -> None:
         if self._closed:
@@ -328,6 +352,12 @@ class KeyIndex(IndexInspection):
     def count(self) -> int:
         """Keys recorded (as of the last assign or refresh)."""
         return self._count
+
+    @property
+    def generation(self) -> int:
+        """In-place changes of keys.bin so far (rows freed or reused; 0: the keys of rows
+        below ``count`` never changed, so a copy of them stays true)."""
+        return self._generation
 
     def to_int64(self, keys: Any) -> np.ndarray:
         """Keys in int64 form, same shape: int keys as they are, bytes/str keys hashed."""
@@ -375,26 +405,29 @@ class KeyIndex(IndexInspection):
 
     # --- writes ---------------------------------------------------------------------
 
-    def assign(self, keys: Any, rows: Any) -> None:
-        """Record key -> row for new keys; rows of new keys must be count..count+m-1.
+    def _check_writable(self) -> None:
+        """Open, writable, and not broken by a failed keys file write."""
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"{self.directory}: key index is open read-only")
+        if self._broken:
+            raise DurabilityError(f"{self._keys_path}: {self._broken}; reopen or rebuild()")
+
+    def assign(self, keys: Any, rows: Any, lsn: int = 0) -> None:
+        """Record key -> row for new keys; a new key takes a free row or the next row
+        from count on (count..count+m-1). ``lsn``: the log record this applies (recorded
+        with the keys, so that replay skips what the index already holds).
 
         Idempotent for mappings that already exist; a key already mapped elsewhere, a key
         given two rows, or a row given two keys is InvalidArgumentError and nothing is
         written. One synced LMDB transaction per call, then the keys file and the hash.
         """
         with self._mutex:
-            self._check_open()
-            if self.readonly:
-                raise ReadOnlyError(f"{self.directory}: key index is open read-only")
-            if self._broken:
-                raise DurabilityError(f"{self._keys_path}: {self._broken}; reopen or rebuild()")
+            self._check_writable()
             raw: list[bytes] | None = None
             if self.key_type == "bytes":
                 raw, _ = as_bytes_list(keys)
-                for b in raw:
-                    if not 1 <= len(b) <= MAX_BYTES_KEY:
-                        raise InvalidArgumentError(f"bytes keys must be 1..{MAX_BYTES_KEY} bytes, got {len(b)}")
-                k = hash_bytes_keys(raw)
+                k = new_bytes_key_hashes(raw)
             else:
                 k = self.to_int64(keys).reshape(-1)
             r = as_int_keys(rows, "rows").reshape(-1)
@@ -402,27 +435,31 @@ class KeyIndex(IndexInspection):
                 raise ShapeError(f"got {k.size} keys and {r.size} rows")
             if k.size == 0:
                 return
+            bad = reserved_key_error(k, raw)
+            if bad is not None:
+                raise bad
             found = self.lookup(k)
             check_existing(k, r, found, raw, self._record)
             new = np.flatnonzero(found < 0)
             if new.size:
-                self._append(*new_mapping(k, r, raw, new, self._count))
+                self._record_new(*new_mapping(k, r, raw, new, self._count,
+                                              self.free_rows()), lsn)
 
-    def _append(self, keys_by_row: np.ndarray, lkeys: list[bytes]) -> None:
-        """LMDB commit first (the truth), then keys file data, then its header, then hash."""
-        count, m = self._count, keys_by_row.size
-        items = [(lk, struct.pack("<Q", count + i)) for i, lk in enumerate(lkeys)]
-        self._record.put(items)
-        data = keys_by_row.astype("<i8", copy=False).tobytes()
-        crc = zlib.crc32(data, self._data_crc)
-        try:
-            self._fs.pwrite_all(self._fd, data, HEADER_SIZE + 8 * count)
-            self._fs.pwrite_all(self._fd, pack_header(self._type_code, count + m, crc), 0)
-        except OSError as exc:
-            self._broken = f"keys file append failed after the LMDB commit ({exc})"
-            raise DurabilityError(f"{self._keys_path}: {self._broken}; the keys are recorded in "
-                                  "LMDB and the keys file is rebuilt on reopen") from exc
-        self._count, self._data_crc = count + m, crc
+    def _record_new(self, keys: np.ndarray, rows: np.ndarray, lkeys: list[bytes],
+                    lsn: int) -> None:
+        """LMDB commit first (the truth), then keys file data, then its header, then hash.
+        Rows below count are reused free rows: written in place (generation + 1)."""
+        count = self._count
+        reused = rows < count
+        items = [(lk, struct.pack("<Q", int(row))) for lk, row in zip(lkeys, rows)]
+        self._record.put(items, rows[reused].tolist(), lsn)
+        if lsn:
+            self._applied = lsn
+        appended = keys[~reused]
+        self._write_keys(rows[reused], keys[reused], appended)
+        if reused.any():
+            self._take_free(rows[reused])
+            self._hash.insert_rows(np.ascontiguousarray(rows[reused]))
         self._ensure_hash()
 
     # --- readers, durability ------------------------------------------------------------
@@ -444,13 +481,15 @@ class KeyIndex(IndexInspection):
                 try:
                     replaced = os.stat(self._keys_path).st_ino != self._ino
                     if not replaced:
-                        count, crc = self._read_header(self._fd, self._keys_path)
+                        count, crc, gen = self._read_header(self._fd, self._keys_path)
                         replaced = count < self._count
                 except (OSError, FormatError):
                     replaced = True
                 if replaced:
                     self._load()  # the writer rebuilt the file, or ours cannot be trusted
                 else:
+                    if gen != self._generation:  # keys freed or reused: re-index all rows
+                        self._stale, self._generation = True, gen
                     self._count, self._data_crc = count, crc
                 if self._hash.capacity:
                     self._ensure_hash()

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from embstore.keys.keyfile import HEADER_SIZE, unpack_header
+from embstore.keys.keyfile import HEADER_SIZE, TOMBSTONE, unpack_header
 
 
 class IndexInspection:
@@ -76,8 +76,16 @@ class IndexInspection:
         return self._hash.keys_view(count)
 
     def scan_lmdb(self) -> tuple[np.ndarray, np.ndarray, list[bytes] | None, list[str]]:
-        """Every LMDB entry: (int64 keys, rows, raw bytes keys or None, malformed)."""
-        return self._record.scan()
+        """Every LMDB entry: (int64 keys, rows, raw bytes keys or None, malformed); each
+        free row comes last as key TOMBSTONE (raw ``b""``), as keys.bin holds it."""
+        keys, rows, raw, bad = self._record.scan()
+        free = self._record.free_rows()
+        if free.size:
+            keys = np.concatenate([keys, np.full(free.size, TOMBSTONE, np.int64)])
+            rows = np.concatenate([rows, free])
+            if raw is not None:
+                raw = raw + [b""] * free.size
+        return keys, rows, raw, bad
 
     def hashed_rows(self) -> np.ndarray | None:
         """The row the in-memory hash gives for each key it holds, in row order (None
@@ -86,5 +94,8 @@ class IndexInspection:
         if not (h.capacity and h.count):
             return None
         got = np.empty(h.count, np.int64)
-        h.lookup(np.ascontiguousarray(h.keys_view(h.count)), got)
+        keys = np.ascontiguousarray(h.keys_view(h.count))
+        h.lookup(keys, got)
+        free = keys == TOMBSTONE  # free rows are never found: count them as right
+        got[free] = np.flatnonzero(free)
         return got

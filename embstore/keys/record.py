@@ -45,7 +45,7 @@ from embstore.errors import (
 )
 from embstore.fs import FileSystem
 from embstore.keys.convert import MAX_BYTES_KEY, hash_bytes_keys
-from embstore.keys.keyfile import FORMAT_VERSION, KEY_TYPES
+from embstore.keys.keyfile import FORMAT_VERSION, KEY_TYPES, READ_VERSIONS
 from embstore.keys.lmdbfile import (
     DATA_FILE,
     check_data_file,
@@ -60,6 +60,13 @@ T = TypeVar("T")
 META_FORMAT = b"embstore-keyindex"
 MAP_GROWTHS = 8  # a commit that fills the map doubles it, at most this many times
 READ_RETRIES = 50  # an unlocked read overtaken by two commits of a live writer is redone
+MAX_DBS = 8  # meta, key2row, free (version 2), row2key (bytes tables), tombstones; spares
+LSN_KEY = b"lsn"  # meta: the log position of the last record applied to the index
+
+
+def row_key(row: int) -> bytes:
+    """A free row as a ``free`` key: big-endian, so a cursor walks rows in order."""
+    return row.to_bytes(8, "big")
 
 
 class _SharedEnv:
@@ -75,11 +82,30 @@ class _SharedEnv:
                                     "read-only (mode='r')")
         with lmdb_errors(path, "open the environment"):
             self.env = lmdb.open(path, subdir=True, readonly=not writable, map_size=map_size,
-                                 max_dbs=2, sync=True, metasync=True, readahead=False,
+                                 max_dbs=MAX_DBS, sync=True, metasync=True, readahead=False,
                                  meminit=False, create=False, lock=writable)
             try:
                 self.meta = self.env.open_db(b"meta", create=False)
                 self.rows = self.env.open_db(b"key2row", create=False)
+                # The free list (row -> b""). A writer makes it, empty, if a version 1
+                # index lacks it (older packages ignore an extra named database); a
+                # reader of such an index has none, which means no free rows.
+                try:
+                    self.free: Any = self.env.open_db(b"free", create=writable)
+                except lmdb.NotFoundError:
+                    self.free = None
+                # row -> original bytes key (bytes tables): what head, export and
+                # iteration show. Derived from key2row; a writer backfills it when an
+                # older package left it short (KeyRecord.backfill_row2key).
+                try:
+                    self.row2key: Any = self.env.open_db(b"row2key", create=writable)
+                except lmdb.NotFoundError:
+                    self.row2key = None
+                # (lsn, row) -> key of every logged deletion, for delta exports
+                try:
+                    self.tombstones: Any = self.env.open_db(b"tombstones", create=writable)
+                except lmdb.NotFoundError:
+                    self.tombstones = None
             except BaseException:
                 self.env.close()
                 raise
@@ -146,6 +172,7 @@ class KeyRecord:
     def __init__(self, path: str, readonly: bool, map_size: int, fs: FileSystem) -> None:
         self.path, self._fs, self._map_size = path, fs, map_size
         self.readonly = readonly
+        self._legacy_raw: dict[int, bytes] | None = None  # row -> bytes without row2key
         # A writer holds its environment open; a reader borrows one per read.
         self._env: _SharedEnv | None = None if readonly else _acquire(path, map_size)
         try:
@@ -158,14 +185,18 @@ class KeyRecord:
     def create(path: str, key_type: str, map_size: int) -> None:
         """Make the environment and its meta entries (``path`` exists and is empty)."""
         with lmdb_errors(path, "create the environment"):
-            env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=2, sync=True,
+            env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=MAX_DBS, sync=True,
                             metasync=True)
             try:
                 meta = env.open_db(b"meta")
                 env.open_db(b"key2row")
+                env.open_db(b"free")
+                env.open_db(b"row2key")
+                env.open_db(b"tombstones")
                 with env.begin(write=True, db=meta) as txn:
                     txn.put(b"format", META_FORMAT)
-                    txn.put(b"version", str(FORMAT_VERSION).encode())
+                    # version 1 until a key is deleted: older packages read the index
+                    txn.put(b"version", b"1")
                     txn.put(b"key_type", key_type.encode())
             finally:
                 env.close()
@@ -209,15 +240,151 @@ class KeyRecord:
             txn.get(b"key_type", db=e.meta)))
         if fmt != META_FORMAT or ktype is None:
             raise FormatError(f"meta is not an embstore key index (format={fmt!r})", self.path)
-        if ver != str(FORMAT_VERSION).encode():
+        if ver not in [str(v).encode() for v in READ_VERSIONS]:
             raise UnsupportedVersionError(
-                f"index version {ver!r}, this package reads {FORMAT_VERSION}", self.path)
+                f"index version {ver!r}, this package reads {READ_VERSIONS}", self.path)
         if ktype.decode("ascii", "replace") not in KEY_TYPES:
             raise FormatError(f"unknown key_type {ktype!r}", self.path)
         return ktype.decode()
 
     def count(self) -> int:
+        """Rows the index accounts for: live keys plus free rows (the keys file's count)."""
+        return self._read("count the keys", lambda txn, e: txn.stat(e.rows)["entries"] + (
+            txn.stat(e.free)["entries"] if e.free is not None else 0))
+
+    def live_count(self) -> int:
+        """Keys recorded (free rows not counted)."""
         return self._read("count the keys", lambda txn, e: txn.stat(e.rows)["entries"])
+
+    def free_rows(self) -> np.ndarray:
+        """The free list, rows ascending (int64)."""
+        def walk(txn: Any, e: _SharedEnv) -> bytes:
+            if e.free is None:
+                return b""
+            return b"".join(k for k, _ in txn.cursor(db=e.free))
+
+        raw = self._read("read the free list", walk)
+        if len(raw) % 8:
+            raise FormatError("free list holds a key that is not 8 bytes", self.path)
+        return np.frombuffer(raw, ">u8").astype(np.int64)
+
+    def applied_lsn(self) -> int:
+        """Log position of the last record applied to the index (0: none recorded)."""
+        v = self._read("read the applied LSN", lambda txn, e: txn.get(LSN_KEY, db=e.meta))
+        return int(v) if v and v.isdigit() else 0
+
+    def raw_keys(self, rows: np.ndarray) -> list[bytes | None]:
+        """Bytes tables: the original key of each row (None: free, or unknown)."""
+        def get(txn: Any, e: _SharedEnv) -> list[bytes | None] | None:
+            if e.row2key is None or txn.stat(e.row2key)["entries"] != txn.stat(e.rows)["entries"]:
+                return None  # written by an older package and not yet backfilled
+            return [txn.get(row_key(r), db=e.row2key) for r in rows.tolist()]
+
+        got = self._read("read original keys", get)
+        if got is not None:
+            return got
+        if self._legacy_raw is None:  # O(n) once: a reader of an index no writer upgraded
+            _, rws, raw, _ = self.scan()
+            self._legacy_raw = dict(zip(rws.tolist(), raw or []))
+        return [self._legacy_raw.get(r) for r in rows.tolist()]
+
+    def backfill_row2key(self) -> int:
+        """Writer, bytes tables: fill ``row2key`` from ``key2row`` when it holds fewer
+        entries (an index written by a package without it). One transaction; O(n) once.
+        Returns the entries written."""
+        e = self._e
+        if self.key_type != "bytes":
+            return 0
+        with lmdb_errors(self.path, "count original keys"), e.env.begin() as txn:
+            if txn.stat(e.row2key)["entries"] == txn.stat(e.rows)["entries"]:
+                return 0
+        done = [0]
+
+        def body() -> None:
+            with e.env.begin(write=True) as txn:
+                txn.drop(e.row2key, delete=False)
+                items = [(row_key(int.from_bytes(v, "little")), bytes(k))
+                         for k, v in txn.cursor(db=e.rows)]
+                txn.cursor(db=e.row2key).putmulti(items)
+                done[0] = len(items)
+
+        self._commit("backfill original keys", body)
+        return done[0]
+
+    def tombstones_since(self, lsn: int, batch: int = 4096
+                         ) -> Iterator[list[tuple[int, int, bytes]]]:
+        """(lsn, row, LMDB key) of every deletion whose record ends after ``lsn``,
+        oldest first, ``batch`` at a time in short read transactions."""
+        after = row_key(lsn + 1)
+        first = True
+        while True:
+            def page(txn: Any, e: _SharedEnv) -> list[tuple[bytes, bytes]]:
+                if e.tombstones is None:
+                    return []
+                cur = txn.cursor(db=e.tombstones)
+                ok = cur.set_range(after)
+                out: list[tuple[bytes, bytes]] = []
+                while ok and len(out) < batch:
+                    k, v = cur.item()
+                    if first or k != after:
+                        out.append((bytes(k), bytes(v)))
+                    ok = cur.next()
+                return out
+
+            got = self._read("read tombstones", page)
+            if not got:
+                return
+            yield [(int.from_bytes(k[:8], "big"), int.from_bytes(k[8:], "big"), v)
+                   for k, v in got]
+            after, first = got[-1][0], False
+
+    def prune_tombstones(self, before: int) -> int:
+        """Forget deletions logged before ``before`` (what every consumer has exported);
+        returns how many. One transaction."""
+        e = self._e
+        done = [0]
+
+        def body() -> None:
+            with e.env.begin(write=True, db=e.tombstones) as txn:
+                cur = txn.cursor()
+                n = 0
+                ok = cur.first()
+                while ok and int.from_bytes(cur.key()[:8], "big") < before:
+                    ok = cur.delete()
+                    n += 1
+                done[0] = n
+
+        self._commit("prune tombstones", body)
+        return done[0]
+
+    def set_applied_lsn(self, lsn: int) -> None:
+        def body() -> None:
+            with self._e.env.begin(write=True, db=self._e.meta) as txn:
+                txn.put(LSN_KEY, str(lsn).encode())
+
+        self._commit("record the applied LSN", body)
+
+    def iter_entries(self, batch: int = 4096) -> Iterator[list[tuple[bytes, int]]]:
+        """Every (LMDB key, row), in key order, ``batch`` at a time: each batch is one
+        short read transaction, so iterating holds bounded memory and no long snapshot."""
+        after: bytes | None = None
+        while True:
+            def page(txn: Any, e: _SharedEnv) -> list[tuple[bytes, int]]:
+                cur = txn.cursor(db=e.rows)
+                ok = cur.set_range(after) if after is not None else cur.first()
+                out: list[tuple[bytes, int]] = []
+                while ok and len(out) < batch:
+                    k, v = cur.item()
+                    if k != after:
+                        out.append((bytes(k), int.from_bytes(v, "little")))
+                    ok = cur.next()
+                return out
+
+            got = self._read("iterate the keys", page)
+            if not got:
+                return
+            yield got
+            after = got[-1][0]
 
     def rows_of(self, raw: list[bytes], indices: np.ndarray) -> list[int | None]:
         """The row LMDB records for each ``raw[i]`` (None where it has none)."""
@@ -254,14 +421,49 @@ class KeyRecord:
             np.int64)
         return k, r, (raw if is_bytes else None), bad
 
-    def put(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Add new key -> row entries in one synced transaction; a full map is grown. A
-        failed commit (lmdb.DiskError on a full disk...) is a typed error: DurabilityError,
-        which poisons the writer like any failed write."""
+    def put(self, items: list[tuple[bytes, bytes]], reused: list[int] = (),  # type: ignore[assignment]
+            lsn: int = 0, freed: list[int] = ()) -> None:  # type: ignore[assignment]
+        """Add new key -> row entries in one synced transaction (taking ``reused`` rows
+        off the free list, putting ``freed`` rows on it, recording ``lsn`` as applied); a
+        full map is grown. A failed commit (lmdb.DiskError on a full disk...) is a typed
+        error: DurabilityError, which poisons the writer like any failed write."""
+        self._commit("commit new keys", lambda: self._put(items, reused, lsn, freed))
+
+    def remove(self, raw: list[bytes], lsn: int = 0) -> list[int | None]:
+        """Delete keys, putting their rows on the free list, in one synced transaction;
+        the row each key had (None: unknown). Marks the index version 2 (older packages
+        would read a free row as a key's)."""
+        got: list[int | None] = []
+
+        def txn_body() -> None:
+            got.clear()
+            e = self._e
+            with e.env.begin(write=True) as txn:
+                free, stones = [], []
+                for key in raw:
+                    v = txn.pop(key, db=e.rows) if key and len(key) <= MAX_BYTES_KEY else None
+                    got.append(None if v is None else int.from_bytes(v, "little"))
+                    if v is not None:
+                        row = row_key(got[-1])
+                        free.append((row, b""))
+                        if lsn:
+                            stones.append((row_key(lsn) + row, key))
+                        if self.key_type == "bytes":
+                            txn.delete(row, db=e.row2key)
+                txn.cursor(db=e.free).putmulti(free)
+                txn.cursor(db=e.tombstones).putmulti(stones)
+                txn.put(b"version", str(FORMAT_VERSION).encode(), db=e.meta)
+                if lsn:
+                    txn.put(LSN_KEY, str(lsn).encode(), db=e.meta)
+
+        self._commit("delete keys", txn_body)
+        return got
+
+    def _commit(self, what: str, body: Callable[[], None]) -> None:
         env = self._e.env
         for _ in range(MAP_GROWTHS):
             try:
-                self._fs.external("lmdb-commit", self.path, lambda: self._put(items))
+                self._fs.external("lmdb-commit", self.path, body)
                 return
             except lmdb.MapFullError:
                 # The transaction was aborted; grow the map (no txn is open) and redo it.
@@ -270,16 +472,29 @@ class KeyRecord:
                     log.info("%s: map full, growing map_size to %d", self.path, size)
                     env.set_mapsize(size)
             except lmdb.Error as exc:
-                raise typed(exc, self.path, "commit new keys") from exc
+                raise typed(exc, self.path, what) from exc
         raise DurabilityError(None, f"{self.path}: LMDB map still full after {MAP_GROWTHS} "
                               "doublings; pass a larger map_size=")
 
-    def _put(self, items: list[tuple[bytes, bytes]]) -> None:
-        with self._e.env.begin(write=True, db=self._e.rows) as txn:
+    def _put(self, items: list[tuple[bytes, bytes]], reused: list[int], lsn: int,
+             freed: list[int] = ()) -> None:  # type: ignore[assignment]
+        e = self._e
+        with e.env.begin(write=True, db=e.rows) as txn:
+            if freed:  # rows that start free (a restored snapshot's): a version-2 index
+                txn.cursor(db=e.free).putmulti([(row_key(r), b"") for r in freed])
+                txn.put(b"version", str(FORMAT_VERSION).encode(), db=e.meta)
             added = txn.cursor().putmulti(items, overwrite=False)[1]
             if added != len(items):
                 raise FormatError(f"{len(items) - added} new keys already exist in LMDB but "
                                   "not in the keys file; run check()", self.path)
+            if self.key_type == "bytes":
+                txn.cursor(db=e.row2key).putmulti(
+                    [(row_key(int.from_bytes(v, "little")), k) for k, v in items])
+            for row in reused:
+                if not txn.delete(row_key(row), db=e.free):
+                    raise FormatError(f"row {row} is given a new key but is not free", self.path)
+            if lsn:
+                txn.put(LSN_KEY, str(lsn).encode(), db=e.meta)
 
     def sync(self) -> None:
         def flush() -> None:

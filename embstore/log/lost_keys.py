@@ -59,6 +59,10 @@ def logged_keys(directory: str | os.PathLike[str], table: str, strides: dict[str
                 keys = e.index_keys
                 if e.table != table or keys is None:
                     continue
+                if e.deleted:  # the rows went on the free list: no key holds them now
+                    for row in e.rows.tolist():
+                        found.pop(row, None)
+                    continue
                 for row, key in zip(e.rows.tolist(), list(keys)):
                     if first <= row < stop:
                         found[row] = key if isinstance(key, bytes) else int(key)

@@ -19,7 +19,8 @@ Entry:
 ==========  =====  ==========================================================
 +0          2      table name length L (u16), 1..160
 +2          1      flags (u8): bit 0 = int64 keys follow (keyed table),
-                   bit 1 = bytes keys follow (table keyed by bytes)
+                   bit 1 = bytes keys follow (table keyed by bytes),
+                   bit 2 = deletion (a tombstone entry: see below)
 +3          1      reserved, MUST be zero
 +4          4      row count n (u32)
 +8          8      optimizer step of the table after this commit (u64; 0 = none)
@@ -32,6 +33,15 @@ Entry:
 ...         n*s    encoded rows (stride s each, docs "Row encodings"),
                    then zero padding to an 8-byte boundary
 ==========  =====  ==========================================================
+
+A *deletion* entry (flags bit 2, with bit 0 or bit 1) removes its n keys from the table's
+key index; row[i] is the row key[i] held, which goes on the free list (new keys reuse
+it). It carries no encoded rows (the ``n*s`` part is absent). A deleted key unknown to
+the index is ignored, so replaying a deletion is harmless. The same commit resets the
+rows of the table's optimizer slot tables to their initial values (ordinary entries),
+so a key that returns starts from fresh slots. Packages that predate deletion reject
+the flag; the key index is marked version 2 by the first deletion, so they refuse such
+a store before they read its log.
 
 A reader MUST reject a payload whose sizes do not add up to its length exactly, an
 unknown kind, a table the manifest does not name, or a stride that differs from the
@@ -64,6 +74,7 @@ RECORD_HEADER = struct.Struct("<II")
 ENTRY_HEADER = struct.Struct("<HBBIQQ")
 FLAG_KEYS = 1
 FLAG_BYTES_KEYS = 2
+FLAG_DELETE = 4
 MAX_ENTRIES = 65535
 MAX_NAME = 160
 
@@ -83,6 +94,7 @@ class Entry:
     keys: np.ndarray | None = None       # int64 keys of those rows (keyed tables)
     step: int = 0                        # the table's optimizer step after the commit
     raw_keys: list[bytes] | None = None  # the bytes keys, for tables keyed by bytes
+    deleted: bool = False                # a deletion: the keys leave the index, no rows
 
     @property
     def stride(self) -> int:
@@ -104,7 +116,10 @@ def encode_record(entries: list[Entry]) -> list[bytes | memoryview]:
         name = e.table.encode()
         n = len(e.rows)
         flags = (FLAG_KEYS if e.keys is not None else 0) | (
-            FLAG_BYTES_KEYS if e.raw_keys is not None else 0)
+            FLAG_BYTES_KEYS if e.raw_keys is not None else 0) | (
+            FLAG_DELETE if e.deleted else 0)
+        if e.deleted and e.index_keys is None:
+            raise InvalidArgumentError("a deletion entry must carry the keys it deletes")
         head = ENTRY_HEADER.pack(len(name), flags, 0, n, e.step, e.stride)
         parts.append(head + name + bytes(_pad(len(name))))
         if e.keys is not None:
@@ -113,6 +128,8 @@ def encode_record(entries: list[Entry]) -> list[bytes | memoryview]:
             blob = b"".join(struct.pack("<H", len(k)) + k for k in e.raw_keys)
             parts.append(blob + bytes(_pad(len(blob))))
         parts.append(memoryview(np.ascontiguousarray(e.rows, "<i8")).cast("B"))
+        if e.deleted:
+            continue
         body = memoryview(np.ascontiguousarray(e.encoded)).cast("B")
         parts.append(body)
         if _pad(len(body)):
@@ -138,8 +155,11 @@ def decode_record(payload: memoryview, strides: dict[str, int], where: str
             raise bad("entry header runs past the end")
         nlen, flags, res, n, step, stride = ENTRY_HEADER.unpack_from(buf, off)
         off += ENTRY_HEADER.size
-        if not 1 <= nlen <= MAX_NAME or res or flags & ~(FLAG_KEYS | FLAG_BYTES_KEYS):
+        if not 1 <= nlen <= MAX_NAME or res or flags & ~(FLAG_KEYS | FLAG_BYTES_KEYS | FLAG_DELETE):
             raise bad("bad entry header fields")
+        deleted = bool(flags & FLAG_DELETE)
+        if deleted and not flags & (FLAG_KEYS | FLAG_BYTES_KEYS):
+            raise bad("a deletion entry without keys")
         name = buf[off : off + nlen].decode("utf-8", "replace")
         off += nlen + _pad(nlen)
         if strides.get(name) != stride:
@@ -160,14 +180,15 @@ def decode_record(payload: memoryview, strides: dict[str, int], where: str
                 raw.append(buf[off + 2 : off + 2 + klen])
                 off += 2 + klen
             off += _pad(off - start)
-        need = 8 * n + n * stride
+        body = 0 if deleted else n * stride
+        need = 8 * n + body
         if off + need > len(buf):
             raise bad(f"entry for {name!r} runs past the end of the record")
         rows = np.frombuffer(buf, "<i8", n, off).copy()
         off += 8 * n
-        encoded = np.frombuffer(buf, np.uint8, n * stride, off).reshape(n, stride).copy()
-        off += n * stride + _pad(n * stride)
-        out.append(Entry(name, rows, encoded, keys, step, raw))
+        encoded = np.frombuffer(buf, np.uint8, body, off).reshape(-1, stride).copy()
+        off += body + _pad(body)
+        out.append(Entry(name, rows, encoded, keys, step, raw, deleted))
     if off != len(buf):
         raise bad(f"{len(buf) - off} bytes left after the last entry")
     return out

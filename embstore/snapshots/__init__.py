@@ -63,7 +63,8 @@ What the raw bytes of a chunk mean is said by the manifest reference that names 
   stored rows: new values of those rows, applied over everything named before them.
 * keys (kind 3): the keys of rows [first, first + count) of a keyed table: ``count``
   i64 keys (int64 tables), or ``count`` times (u16 length, that many bytes) (bytes
-  tables).
+  tables). A free row (its key deleted, the row not reused yet) holds the key index's
+  TOMBSTONE (int64) or an empty key (bytes); a restore puts it back on the free list.
 
 Snapshot manifest ``snaps/<name>.snap``
 ---------------------------------------

@@ -42,6 +42,7 @@ import numpy as np
 from embstore import digests as dg
 from embstore.errors import (
     InvalidArgumentError,
+    SnapshotConflictError,
     SnapshotExistsError,
     TornReadError,
 )
@@ -268,6 +269,8 @@ class Snapshotter:
             "metas": {n: w.manifest.meta(n).to_json() for n in w.manifest.table_names},
             "keys": {n: w.catalog.get(n)._index.count for n in w.manifest.table_names
                      if w.manifest.meta(n).key_type is not None},
+            "keygen": {n: w.catalog.get(n)._index.generation for n in w.manifest.table_names
+                       if w.manifest.meta(n).key_type is not None},
             "settings": w.manifest.settings,
             "rows": rows_read,
         }
@@ -390,8 +393,15 @@ class Snapshotter:
             keys = np.zeros(0, mf.REF)
             if meta.key_type is not None:
                 entry.key_count, entry.keys_per_chunk = final["keys"][name], KEYS_PER_CHUNK
+                generation = final["keygen"][name]
                 keys = copy_keys(self, name, meta, entry.key_count, KEYS_PER_CHUNK,
-                                 parent, previous)
+                                 parent if generation == 0 else None, previous)
+                if self.writer.catalog.get(name)._index.generation != generation:
+                    # keys were deleted or rows reused while they were copied: the copy
+                    # may mix two states, so nothing is made visible
+                    raise SnapshotConflictError(
+                        f"table {name!r}: keys were deleted or rows reused while the "
+                        "snapshot copied them; retry it (no snapshot was made)")
             for part in rows + [keys] + deltas:
                 part = part.copy()
                 part["table"] = index

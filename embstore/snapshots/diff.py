@@ -11,22 +11,28 @@ A table's rows in a snapshot are its rows chunks with its deltas applied in orde
   block and compared row by row; a row is changed when any stored byte differs.
 
 Memory: one block of each snapshot, plus one decoded delta chunk (<= 1 MiB) per delta
-segment of each chain. Rows are never removed in this version of embstore, so there are
-no tombstones yet; the ``Delta`` interface and the export formats carry them (``op``
-= 2, no values) for the key lifecycle work that adds deletion.
+segment of each chain.
+
+Tombstones (keyed tables): the keys ``old`` held that ``new`` no longer holds at the same
+row (deleted, or deleted and the row reused by another key), found by comparing the two
+snapshots' keys chunks row by row, one chunk of each at a time. A key deleted and
+inserted again at another row is both a tombstone and an upsert: apply tombstones first.
+Changed rows that are free in ``new`` are not upserts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from embstore.codecs import decode_rows
 from embstore.errors import InvalidArgumentError, TableNotFoundError
+from embstore.keys.keyfile import TOMBSTONE
 from embstore.snapshots import chunks as ck
 from embstore.snapshots import manifest as mf
+from embstore.snapshots.keys_copy import decode_bytes_keys
 from embstore.snapshots.repo import Repo
 from embstore.writer.optimizer_steps import slot_decode
 
@@ -113,6 +119,39 @@ class TableView:
         return out
 
 
+def is_free(key: object) -> bool:
+    """A free row's key in a keys chunk: TOMBSTONE (int64) or empty (bytes)."""
+    return key == TOMBSTONE if not isinstance(key, bytes) else not key
+
+
+class KeyCursor:
+    """Row ids (ascending calls) -> keys, from one snapshot table's keys chunks."""
+
+    def __init__(self, view: TableView) -> None:
+        self.repo, self.snap, self.key_type = view.repo, view.m.name, view.meta.key_type
+        self.refs = view.m.refs_of(view.index, ck.KIND_KEYS)
+        self.per = view.entry.keys_per_chunk
+        self.count = view.entry.key_count or 0
+        self.loaded = -1
+        self.keys: Any = None
+
+    def chunk(self, c: int) -> Any:
+        """The keys of chunk ``c`` (int64 array, or a list of bytes)."""
+        if c != self.loaded:
+            ref = self.refs[c]
+            raw = self.repo.read_chunk(bytes(ref["address"]).hex(), self.snap)
+            n = int(ref["count"])
+            if self.key_type == "int64":
+                self.keys = np.frombuffer(raw, "<i8", n)
+            else:
+                self.keys = decode_bytes_keys(raw, n, bytes(ref["address"]).hex(), self.snap)
+            self.loaded = c
+        return self.keys
+
+    def keys_of(self, rows: np.ndarray) -> list[Any]:
+        return [self.chunk(r // self.per)[r % self.per] for r in rows.tolist()]
+
+
 @dataclass
 class Delta:
     """The changed rows of one table from snapshot ``old`` to ``new``."""
@@ -166,9 +205,21 @@ class Delta:
             if len(diff):
                 yield diff + lo, now[diff]
 
-    def tombstones(self) -> Iterator[np.ndarray]:
-        """Ids removed from ``old`` to ``new``: none until embstore can delete keys."""
-        return iter(())
+    def tombstones(self) -> Iterator[Any]:
+        """Keys ``old`` held that ``new`` does not hold at the same row (module
+        docstring), a keys chunk of ``old`` at a time: int64 arrays or lists of bytes."""
+        if self.key_type is None or self.before is None:
+            return
+        was, now = KeyCursor(self.before), KeyCursor(self.view)
+        for c in range(len(was.refs)):
+            lo = c * was.per
+            old_keys = was.chunk(c)
+            rows = np.arange(lo, lo + len(old_keys), dtype=np.int64)
+            new_keys = now.keys_of(rows[rows < now.count])
+            dead = [k for i, k in enumerate(old_keys)
+                    if not is_free(k) and (i >= len(new_keys) or new_keys[i] != k)]
+            if dead:
+                yield np.asarray(dead, np.int64) if self.key_type == "int64" else dead
 
     def values(self, rows: np.ndarray) -> np.ndarray:
         """float32 values of stored rows (slot tables: the fill undone, as optimizers read)."""

@@ -32,50 +32,26 @@ from embstore.interop.parquet import _pyarrow
 from embstore.interop.tfrecord import _varint, crc32c, encode_records, mask
 from embstore.keys.convert import hash_bytes_keys
 from embstore.progress import Progress, ProgressArg
-from embstore.snapshots import chunks as ck
-from embstore.snapshots.diff import Delta
-from embstore.snapshots.keys_copy import decode_bytes_keys
+from embstore.snapshots.diff import Delta, KeyCursor, is_free
 
 FORMATS = ("parquet", "tfrecord", "npy")
 OP_UPSERT, OP_DELETE = 1, 2
 
 
-class KeyCursor:
-    """Row ids (ascending calls) -> keys, from the new snapshot's keys chunks."""
-
-    def __init__(self, delta: Delta) -> None:
-        v = delta.view
-        self.repo, self.snap, self.key_type = delta.repo, delta.new.name, delta.key_type
-        self.refs = v.m.refs_of(v.index, ck.KIND_KEYS)
-        self.per = v.entry.keys_per_chunk
-        self.loaded = -1
-        self.keys: Any = None
-
-    def keys_of(self, rows: np.ndarray) -> list[Any]:
-        out: list[Any] = []
-        for r in rows.tolist():
-            c = r // self.per
-            if c != self.loaded:
-                ref = self.refs[c]
-                raw = self.repo.read_chunk(bytes(ref["address"]).hex(), self.snap)
-                n = int(ref["count"])
-                if self.key_type == "int64":
-                    self.keys = np.frombuffer(raw, "<i8", n)
-                else:
-                    self.keys = decode_bytes_keys(raw, n, bytes(ref["address"]).hex(), self.snap)
-                self.loaded = c
-            out.append(self.keys[r - c * self.per])
-        return out
-
-
 def _pieces(delta: Delta) -> Iterator[tuple[Any, np.ndarray]]:
     """(ids or keys, float32 values) of the changed rows."""
-    cursor = KeyCursor(delta) if delta.key_type is not None else None
+    cursor = KeyCursor(delta.view) if delta.key_type is not None else None
     for rows, stored in delta.changed():
-        ids: Any = rows if cursor is None else cursor.keys_of(rows)
-        if delta.key_type == "int64":
-            ids = np.asarray(ids, np.int64)
-        yield ids, delta.values(stored)
+        if cursor is None:
+            yield rows, delta.values(stored)
+            continue
+        keys = cursor.keys_of(rows)
+        live = np.array([not is_free(k) for k in keys], bool)  # a free row is no upsert
+        if not live.all():
+            keys, stored = [k for k, keep in zip(keys, live) if keep], stored[live]
+        if len(keys):
+            yield (np.asarray(keys, np.int64) if delta.key_type == "int64" else keys,
+                   delta.values(stored))
 
 
 def export_delta(delta: Delta, path: str | Path, fmt: str, progress: ProgressArg = False,

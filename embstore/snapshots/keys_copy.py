@@ -1,12 +1,16 @@
 """The keys of a keyed table in a snapshot: the key of every row below the key count at
-the snapshot's log position, in chunks of ``per`` rows.
+the snapshot's log position, in chunks of ``per`` rows; a free row (its key deleted, the
+row not reused yet) holds TOMBSTONE (int64 tables) or an empty key (bytes tables).
 
-Keys are never changed or removed once recorded (rows are assigned in order), so the
-keys of rows below the count taken under the writer lock can be read afterwards, and a
-full chunk of the parent's is reused without reading. int64 keys are read from the
-keys file (``keys.bin``, append-only below its count); bytes keys exist only in LMDB
-(the keys file holds their 64-bit hashes), so a table keyed by bytes is scanned once
-per snapshot: O(keys), a documented limitation.
+While the keys file's generation stays 0 its rows below the count never change (keys are
+appended), so the keys of rows below the count taken under the writer lock can be read
+afterwards, and a full chunk of the parent's is reused without reading. Once keys were
+deleted or rows reused (generation > 0) every chunk is read again (content addressing
+still stores an unchanged chunk once), and the snapshot checks that the generation did
+not move while it read (SnapshotConflictError otherwise: nothing is made visible).
+int64 keys are read from the keys file (``keys.bin``); bytes keys exist only in LMDB
+(the keys file holds their 64-bit hashes), so a table keyed by bytes is scanned once per
+snapshot: O(keys), a documented limitation.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def _bytes_reader(table: Any, count: int) -> Any:
 
 def decode_bytes_keys(raw: bytes | bytearray | memoryview, count: int, address: str,
                       snap: str) -> list[bytes]:
-    """The ``count`` keys of a bytes keys chunk (u16 length, bytes), checked whole."""
+    """The ``count`` keys of a bytes keys chunk (u16 length, bytes), checked whole; an
+    empty key is a free row's."""
     raw = bytes(raw)
     out, pos = [], 0
     for _ in range(count):
@@ -93,7 +98,7 @@ def decode_bytes_keys(raw: bytes | bytearray | memoryview, count: int, address: 
         n = int.from_bytes(raw[pos : pos + 2], "little")
         out.append(raw[pos + 2 : pos + 2 + n])
         pos += 2 + n
-    if len(out) != count or pos != len(raw) or any(not k for k in out):
+    if len(out) != count or pos != len(raw):
         raise ChunkError(f"chunk {address} of snapshot {snap!r}: not {count} bytes keys",
                          None, None, chunk=address, snapshot=snap)
     return out

@@ -31,6 +31,7 @@ from embstore.errors import (
 from embstore.format import pack_live, pack_manifest
 from embstore.fs import FileSystem
 from embstore.keys import KeyIndex
+from embstore.keys.keyfile import TOMBSTONE
 from embstore.manifest import MANIFEST, acquire_writer_lock
 from embstore.progress import Progress, ProgressArg
 from embstore.snapshots import chunks as ck
@@ -242,15 +243,25 @@ def _finish_digests(d: dg.Digests, patched: np.ndarray, covered: np.ndarray,
 
 def _restore_keys(repo: Repo, m: mf.Manifest, index: int, entry: mf.TableEntry,
                   directory: Path, fs: FileSystem, pool: ThreadPoolExecutor, bar: Any) -> None:
-    """The key index, keys assigned to rows in order, one synced LMDB commit a chunk."""
+    """The key index, keys given to rows in order (free rows back on the free list), one
+    synced LMDB commit a chunk."""
     key_type = entry.meta.key_type or "int64"
     idx = KeyIndex.create(directory, key_type=key_type, fs=fs)
     try:
         for ref, raw in _decoded(repo, m, m.refs_of(index, ck.KIND_KEYS), pool):
             first, count = int(ref["first"]), int(ref["count"])
-            keys: Any = np.frombuffer(raw, "<i8", count) if key_type == "int64" \
-                else decode_bytes_keys(raw, count, bytes(ref["address"]).hex(), m.name)
-            idx.assign(keys, np.arange(first, first + count, dtype=np.int64))
+            address = bytes(ref["address"]).hex()
+            if first != idx.count:
+                raise ChunkError(f"chunk {address} of snapshot {m.name!r}: keys of rows from "
+                                 f"{first}, expected {idx.count}", None, None,
+                                 chunk=address, snapshot=m.name)
+            if key_type == "int64":
+                keys: Any = np.frombuffer(raw, "<i8", count)
+                free = np.flatnonzero(keys == TOMBSTONE)
+            else:
+                keys = decode_bytes_keys(raw, count, address, m.name)
+                free = np.array([i for i, k in enumerate(keys) if not k], np.int64)
+            idx.restore_rows(keys, free)
             bar.update(len(raw))
         if idx.count != entry.key_count:
             raise ChunkError(f"snapshot {m.name!r}: table {entry.name!r} restored "

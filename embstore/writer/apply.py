@@ -30,10 +30,20 @@ def row_limit(table: Table, entry: Entry, parent: Table | None) -> int:
 
 
 def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyBlocks,
-                limit: int | None = None) -> None:
+                limit: int | None = None, end_lsn: int = 0) -> None:
     """Copy logged rows into the table (and its key index), growing it if needed, never
-    beyond ``limit`` rows (``row_limit``; CorruptLogError, nothing written)."""
+    beyond ``limit`` rows (``row_limit``; CorruptLogError, nothing written).
+
+    ``end_lsn``: the log position just past the record. The key index records it with
+    the keys it changes and skips a record it already holds: replaying an old insert
+    after a later deletion freed and reused its row must not give the row back."""
     meta, shards, rows = table._meta, table._shards, entry.rows
+    index = table._index
+    index_due = index is not None and (not end_lsn or end_lsn > index.applied_lsn)
+    if entry.deleted:
+        if index_due and index is not None:
+            index.remove(entry.index_keys, end_lsn)
+        return
     top = int(rows.max()) + 1 if len(rows) else 0
     if len(rows) and int(rows.min()) < 0:
         raise CorruptLogError(f"log record at LSN {lsn}: negative row id {int(rows.min())} "
@@ -58,8 +68,8 @@ def apply_entry(table: Table, entry: Entry, lsn: int, dirty: DirtyBlocks,
     # Keys last: a reader that finds a new key in the index must find its row written and
     # published (the other order let readers fail with IdOutOfRangeError in between).
     keys = entry.index_keys
-    if keys is not None and table._index is not None:
-        table._index.assign(keys, rows)
+    if keys is not None and index is not None and index_due:
+        index.assign(keys, rows, end_lsn)
 
 
 def reconcile_rows(table: Table, checkpoint_lsn: int) -> None:

@@ -24,7 +24,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from embstore.catalog import TABLES_DIR, Catalog
 from embstore.errors import DurabilityError, EmbstoreError
@@ -32,6 +32,7 @@ from embstore.fs import FileSystem, refuse_link
 from embstore.log import WriteAheadLog
 from embstore.log.lost_keys import logged_keys
 from embstore.log.payload import Entry, decode_record, encode_record
+from embstore.log.segments import frame_size
 from embstore.manifest import Manifest
 from embstore.table import Table
 from embstore.writer.apply import apply_entry, reconcile_rows, row_limit
@@ -64,6 +65,9 @@ class Writer:
         # notified when a snapshot stops copying rows: drop and rename wait for it
         self.snapshot_done = threading.Condition(self.lock)
         self.recovered_records = 0
+        # run at the start of every checkpoint (scheduled eviction), never re-entered
+        self.before_checkpoint: list[Callable[[], None]] = []
+        self._in_hooks = False
         self._interrupted = False  # a KeyboardInterrupt was raised inside a commit
         self._scratch = bytearray(SCRATCH_BYTES)
         for directory in (root / WAL_DIR, root / TABLES_DIR):
@@ -166,12 +170,13 @@ class Writer:
 
     def _apply(self, tables: list[Table], entries: list[Entry], lsn: int) -> None:
         for table, entry in zip(tables, entries):
-            self._apply_one(table, entry, lsn)
+            # the LSN a commit returns is the one just past its record
+            self._apply_one(table, entry, lsn, lsn)
 
-    def _apply_one(self, table: Table, entry: Entry, lsn: int) -> None:
+    def _apply_one(self, table: Table, entry: Entry, lsn: int, end: int) -> None:
         if self.versions is not None:  # the old values are kept before they go
             self.versions.before_apply(table, entry.rows)
-        apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry))
+        apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), end)
 
     def _row_limit(self, table: Table, entry: Entry) -> int:
         """``apply.row_limit``, with a slot table's table from the catalog."""
@@ -211,6 +216,13 @@ class Writer:
         with self.lock:
             if self.failed is not None:
                 raise DurabilityError(None, f"cannot checkpoint after a failed write ({self.failed})")
+            if not self._in_hooks:  # a hook's own commits may checkpoint: no recursion
+                self._in_hooks = True
+                try:
+                    for hook in self.before_checkpoint:
+                        hook()
+                finally:
+                    self._in_hooks = False
             self.log.sync()
             lsn = self.log.end_lsn
             try:
@@ -247,9 +259,11 @@ class Writer:
         number of records replayed."""
         strides = self.manifest.strides()
         count = 0
+        self._clamp_index_lsns()
         for lsn, payload in self.log.replay(self.manifest.checkpoint_lsn):
+            end = lsn + frame_size(len(payload))
             for entry in decode_record(payload, strides, f"{self.root / WAL_DIR} lsn {lsn}"):
-                self._apply_one(self.catalog.get(entry.table), entry, lsn)
+                self._apply_one(self.catalog.get(entry.table), entry, lsn, end)
             count += 1
         for name in self.manifest.table_names:
             table = self.catalog.get(name)
@@ -259,6 +273,16 @@ class Writer:
         self.recovered_records = count
         self.checkpoint()
         return count
+
+    def _clamp_index_lsns(self) -> None:
+        """A key index that recorded a log position past the log's end applied records
+        the log lost (sync other than "step" acknowledges before fdatasync): the records
+        that reuse those positions are new and must be applied, so the index's position
+        comes back to the log's end first."""
+        for name in self.manifest.table_names:
+            index = self.catalog.get(name)._index
+            if index is not None and index.applied_lsn > self.log.end_lsn:
+                index.set_applied_lsn(self.log.end_lsn)
 
     # --- closing ------------------------------------------------------------------------
 

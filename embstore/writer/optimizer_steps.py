@@ -18,6 +18,7 @@ from embstore.errors import InvalidArgumentError
 from embstore.log.payload import Entry
 from embstore.optim import SparseOptimizer, get_optimizer, sum_duplicates
 from embstore.table import Table
+from embstore.writer import admission, key_metadata
 from embstore.writer.core import Writer
 from embstore.writer.tables import create_slot_table
 from embstore.writer.updates import entries_of, finite_rows, flat_updates, resolve_rows
@@ -83,6 +84,7 @@ def apply_gradients(writer: Writer, table: Table, ids: Any, grads: Any, optimize
     # time per store, or concurrent steps lose updates and reuse rows for new keys.
     with writer.lock:
         step = table._meta.step + 1
+        flat_ids, g = admission.admitted(table, flat_ids, g)
         if len(g) == 0:
             return writer.log.end_lsn
         # Validate ids and the learning rate before slot_tables() records the optimizer and
@@ -91,18 +93,21 @@ def apply_gradients(writer: Writer, table: Table, ids: Any, grads: Any, optimize
         opt.learning_rate(step)
         slots = slot_tables(writer, table, opt)
         uniq, summed = sum_duplicates(rows, g)
-        is_new = uniq >= table._meta.num_rows
+        # new keys may take free rows (below num_rows): new-ness comes from the allocation
+        new_keys, _raw, new_rows = key_info if key_info is not None else (None, None, None)
+        is_new = np.isin(uniq, new_rows) if new_rows is not None else \
+            np.zeros(len(uniq), bool)
         if not is_new.any():
             current = table.gather_rows(uniq)
         else:
             current = np.empty((len(uniq), table.dim), np.float32)
             if (~is_new).any():
                 current[~is_new] = table.gather_rows(uniq[~is_new])
-            # new rows are num_rows + rank of first appearance, so row - num_rows indexes keys
-            current[is_new] = table._initial_rows(key_info[0][uniq[is_new] - table._meta.num_rows])
+            # new_rows ascend with the keys' rank, so a row's position there names its key
+            current[is_new] = table._initial_rows(new_keys[np.searchsorted(new_rows, uniq[is_new])])
         slot_values = {s: read_slot(t, uniq) for s, t in slots.items()}
         opt.apply(current, slot_values, summed, step)
         entries = entries_of(table, uniq, current, is_new, key_info, step)
         for s, t in slots.items():
             entries.append(Entry(t.name, uniq, slot_encode(slot_values[s], t._meta.fill), step=step))
-        return writer.commit(entries)
+        return writer.commit(key_metadata.add_entry(writer, table, entries, step))

@@ -12,15 +12,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from embstore.errors import InvalidArgumentError
 from embstore.progress import ProgressArg
 from embstore.table import Table
-from embstore.writer import bulk, optimizer_steps, updates
+from embstore.writer import (admission, bulk, deletes, eviction, key_metadata,
+                             optimizer_steps, updates)
 from embstore.writer.core import Writer
 
 
 class TableWrites:
     def __init__(self, writer: Writer) -> None:
         self.writer = writer
+        writer.before_checkpoint.append(lambda: eviction.scheduled(writer))
 
     def update(self, table: Table, ids: Any, rows: Any, nan: str) -> int:
         return updates.update(self.writer, table, ids, rows, nan)
@@ -42,3 +45,21 @@ class TableWrites:
     def import_file(self, table: Table, fmt: str, path: Path, progress: ProgressArg,
                     **options: Any) -> int:
         return bulk.import_file(self.writer, table, fmt, path, progress, **options)
+
+    def delete(self, table: Table, keys: Any, missing_ok: bool) -> deletes.Deleted:
+        return deletes.delete(self.writer, table, keys, missing_ok)
+
+    def track_keys(self, table: Table) -> None:
+        if table._index is None:
+            raise InvalidArgumentError(f"table {table.name!r} is not keyed: no keys to track")
+        key_metadata.enable(self.writer, table)
+
+    def set_admission(self, table: Table, after: int) -> None:
+        admission.set_admission(self.writer, table, after)
+
+    def schedule_eviction(self, table: Table, ttl: int | None, max_keys: int | None,
+                          policy: str) -> None:
+        eviction.schedule(self.writer, table, ttl, max_keys, policy)
+
+    def evict(self, table: Table, **policy: Any) -> eviction.Evicted:
+        return eviction.evict(self.writer, table, **policy)

@@ -1,8 +1,9 @@
 """Row updates and inserts, turned into log entries and committed by the writer.
 
 An update carries the full new value of every row it changes; a keyed table's new keys
-get rows from ``num_rows`` on, allocated under the writer's lock so that two threads
-never hand the same row to different keys.
+get the free rows deleted keys left (lowest first), then rows from ``num_rows`` on,
+allocated under the writer's lock so that two threads never hand the same row to
+different keys.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from embstore.errors import (
     NonFiniteError,
     ShapeError,
 )
+from embstore.keys.assign import reserved_key_error
 from embstore.log.payload import Entry
 from embstore.table import Table
+from embstore.writer import admission, key_metadata
 from embstore.writer.core import Writer
 
 NAN_POLICIES = ("raise", "skip_rows")
@@ -76,8 +79,8 @@ def finite_rows(flat_ids: Any, values: np.ndarray, nan: str, table: Table, what:
 def resolve_rows(table: Table, ids: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     """Row numbers for ids (dense) or keys (keyed), allocating rows for new keys.
 
-    Returns (rows, new_mask, key_info) where key_info is the int64 keys (and raw bytes
-    keys for bytes tables) of the new rows, for the log entry."""
+    Returns (rows, new_mask, key_info) where key_info is (int64 keys, raw bytes keys for
+    bytes tables, rows) of the new keys, rows ascending, for the log entry."""
     if table._index is None:
         rows = np.asarray(ids)
         if rows.dtype.kind not in "iu":
@@ -98,14 +101,20 @@ def resolve_rows(table: Table, ids: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     order = np.argsort(first)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    rows[new] = table._meta.num_rows + rank[inverse]
     new_keys = uniq[order]
     raw = None
     if table._meta.key_type == "bytes":
         flat = list(ids)
         new_pos = np.flatnonzero(new)[first[order]]
         raw = [flat[i].encode() if isinstance(flat[i], str) else bytes(flat[i]) for i in new_pos]
-    return rows, new, (new_keys, raw)
+    bad = reserved_key_error(new_keys, raw)
+    if bad is not None:
+        raise bad
+    # free rows (ascending, all below num_rows) first: rows ascend with rank
+    free = table._index.free_rows()[:len(new_keys)]
+    new_rows = np.concatenate([free, table._meta.num_rows + np.arange(len(new_keys) - free.size)])
+    rows[new] = new_rows[rank[inverse]]
+    return rows, new, (new_keys, raw, new_rows)
 
 
 def entries_of(table: Table, rows: np.ndarray, values: np.ndarray, new: np.ndarray,
@@ -118,10 +127,10 @@ def entries_of(table: Table, rows: np.ndarray, values: np.ndarray, new: np.ndarr
     if old.any():
         entries.append(Entry(table.name, rows[old], encode_rows(values[old], table.storage_dtype), step=step))
     if new.any():
-        new_keys, raw = key_info
+        new_keys, raw, _ = key_info
         order = np.argsort(rows[new])
         new_rows = rows[new][order]
-        # rows[new] come as num_rows + rank, so sorting by row sorts the keys the same way
+        # rows of new keys ascend with their rank, so sorting by row sorts the keys alike
         entries.append(Entry(table.name, new_rows, encode_rows(values[new][order], table.storage_dtype),
                              keys=None if raw is not None else new_keys, step=step,
                              raw_keys=raw))
@@ -139,13 +148,16 @@ def update(writer: Writer, table: Table, ids: Any, values: Any, nan: str = "rais
     # writer's lock, or two threads give the same row to different keys (and the log
     # then holds both records, so no reopen could replay it).
     with writer.lock:
+        flat_ids, vals = admission.admitted(table, flat_ids, vals)
+        if len(vals) == 0:
+            return writer.log.end_lsn
         rows, new, key_info = resolve_rows(table, flat_ids)
         # last occurrence wins, as with numpy fancy assignment
         rev_rows = rows[::-1]
         uniq, idx = np.unique(rev_rows, return_index=True)
         pick = len(rows) - 1 - idx
         entries = entries_of(table, rows[pick], vals[pick], new[pick], key_info, 0)
-        return writer.commit(entries)
+        return writer.commit(key_metadata.add_entry(writer, table, entries, table._meta.step))
 
 
 def insert_initial(writer: Writer, table: Table, keys: Any) -> int:
