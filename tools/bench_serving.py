@@ -1,7 +1,7 @@
 """Serving benchmarks (issue 13): memory of N processes, fast start, request latency,
 the hot-row cache at equal bytes. Every figure is taken side by side in one run.
 
-    python tools/bench_serving.py pss     --gb 4 --procs 1 2 4 8
+    python tools/bench_serving.py pss     --gb 4 --procs 1 2 4 8 [--models]
     python tools/bench_serving.py start   --gb 1 4 [16]
     python tools/bench_serving.py latency --gb 1 [--limit-gb 0.9]
     python tools/bench_serving.py cache   A.so B.so          # hit rate at equal bytes
@@ -238,13 +238,20 @@ def job_latency(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_pss_serve(p: dict[str, Any]) -> dict[str, Any]:
-    """Open, gather every row, say ready, wait on stdin (the parent reads our PSS)."""
+    """Open, gather every row, say ready, wait on stdin (the parent reads our PSS).
+    With "model": through the embstore SavedModel in ``model`` instead (TensorFlow)."""
     import embstore
     store = embstore.open(p["path"], cache_bytes=int(p["cache_bytes"]))
     table = store["t"]
     out = np.empty((BATCH, DIM), np.float32)
     rng = np.random.default_rng(os.getpid())
-    for lo in range(0, table.num_rows, BATCH):
+    if p.get("model"):
+        import tensorflow as tf
+        import embstore.tensorflow as etf
+        model = etf.load(p["model"])
+        for lo in range(0, table.num_rows, BATCH):
+            model.serve(tf.range(lo, min(lo + BATCH, table.num_rows), dtype=tf.int64))
+    for lo in range(0, table.num_rows, BATCH) if not p.get("model") else ():
         n = min(BATCH, table.num_rows - lo)
         table.gather(np.arange(lo, lo + n), out=out[:n])
     if p["cache_bytes"]:  # then a Zipf stream, so the cache holds its hottest rows
@@ -265,10 +272,12 @@ JOBS = {"save_emb": job_save_emb, "save_var": job_save_var, "start": job_start,
 # --- commands ---------------------------------------------------------------------------
 
 
-def pss_group(path: Path, n: int, cache_bytes: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen(child_argv({"job": "pss_serve", "path": str(path),
-                                          "cache_bytes": cache_bytes}),
+def pss_group(path: Path, n: int, cache_bytes: int, model: Path | None = None
+              ) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    params = {"job": "pss_serve", "path": str(path), "cache_bytes": cache_bytes,
+              "model": str(model) if model else None}
+    procs = [subprocess.Popen(child_argv(params),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
              for _ in range(n)]
     try:
@@ -279,16 +288,18 @@ def pss_group(path: Path, n: int, cache_bytes: int) -> dict[str, Any]:
 
 
 def cmd_pss(args: argparse.Namespace) -> dict[str, Any]:
-    paths = build(args.dir, args.gb[0], ("store",))
+    paths = build(args.dir, args.gb[0], ("store", "emb_model") if args.models else ("store",))
     table_bytes = rows_of(args.gb[0]) * DIM * 4
     res: dict[str, Any] = {"table_bytes": table_bytes, "runs": []}
+    model = paths["emb_model"] if args.models else None
     for r in range(args.repeats):
-        for cache_frac in (0.0, args.cache_frac):
+        for cache_frac in (0.0,) if args.models else (0.0, args.cache_frac):
             for n in args.procs:
-                got = pss_group(paths["store"], n, int(cache_frac * table_bytes))
-                got.update(procs=n, cache_frac=cache_frac, repeat=r)
+                got = pss_group(paths["store"], n, int(cache_frac * table_bytes), model)
+                got.update(procs=n, cache_frac=cache_frac, repeat=r, model=bool(model))
                 res["runs"].append(got)
-                log(f"pss: {n} procs cache {cache_frac:.0%}: {got['pss_bytes'] / 1e9:.2f} GB")
+                log(f"pss: {n} procs cache {cache_frac:.0%} model {bool(model)}: "
+                    f"{got['pss_bytes'] / 1e9:.2f} GB")
     return res
 
 
@@ -473,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gb", type=float, nargs="+", default=[1.0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--cache-frac", type=float, default=0.05)
+    p.add_argument("--models", action="store_true",
+                   help="pss: processes serve through the embstore SavedModel (TensorFlow)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 256])
     p.add_argument("--requests", type=int, default=2000)
