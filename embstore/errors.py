@@ -192,6 +192,16 @@ class StoreClosedError(EmbstoreError, RuntimeError):
     """The store (or table) was used after ``close()``."""
 
 
+class VersionsNotServedError(EmbstoreError, FileNotFoundError):
+    """A reader asked for versions of a store whose writer publishes none (it was not
+    opened with ``serve_versions=True``)."""
+
+
+class VersionChurnError(EmbstoreError, RuntimeError):
+    """New versions kept being published while one batch was served (beyond the bound
+    on switches per batch): checkpoints far more often than batches."""
+
+
 # --- snapshots ----------------------------------------------------------------------------
 
 

@@ -123,6 +123,17 @@ class Manifest:
         with self.lock:
             return {name: dict(e) for name, e in sorted(self._body["tables"].items())}
 
+    def add_new_tables(self) -> list[str]:
+        """A reader takes in the tables another process created since it read the
+        manifest; tables it knows keep their metas (their rows are followed through
+        their live files). Returns the names added."""
+        tables = read_manifest(self.root)["tables"]
+        with self.lock:
+            new = sorted(n for n in tables if n not in self._body["tables"])
+            for name in new:
+                self._body["tables"][name] = tables[name]
+        return new
+
     def strides(self) -> dict[str, int]:
         return {name: TableMeta.from_json(e).stride for name, e in self._body["tables"].items()}
 

@@ -31,6 +31,7 @@ from embstore.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
+from embstore.follow import Follower
 from embstore.format import check_user_table_name, is_power_of_two, row_stride
 from embstore.fs import REAL, FileSystem, refuse_link
 from embstore.manifest import (
@@ -45,6 +46,7 @@ from embstore.snapshots.chunks import DEFAULT_LEVEL
 from embstore.snapshots.create import create_snapshot
 from embstore.storage import TableMeta
 from embstore.table import BULK_CHUNK_BYTES, Table
+from embstore.versions import check_serving_setting
 from embstore.writer import TableWrites, Writer
 from embstore.writer import tables as ddl
 
@@ -59,6 +61,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "checkpoint_bytes": 256 << 20,  # checkpoint when the log grows by this much
     "checkpoint_seconds": 300.0,    # ... or when this much time passed since the last
     "wal_segment_bytes": 64 << 20,
+    "serve_versions": False,     # keep old values of overwritten rows so that readers
+                                 # serve whole checkpoints (embstore.versions)
 }
 SHARD_TARGET_BYTES = 1 << 30  # default shard size: big enough for few files, small enough to grow in
 MIN_ROWS_PER_SHARD = 1024
@@ -95,6 +99,7 @@ def _check_settings(settings: dict[str, Any]) -> None:
     if unknown:
         raise InvalidArgumentError(f"unknown settings {sorted(unknown)}: expected some of "
                                    f"{sorted(DEFAULT_SETTINGS)}")
+    check_serving_setting(settings.get("serve_versions", False))
     budget = settings.get("cache_bytes", 0)
     budgets = budget.values() if isinstance(budget, dict) else [budget]
     if not all(isinstance(b, (int, float, np.number)) and not isinstance(b, bool) and b >= 0
@@ -159,6 +164,7 @@ class Store:
         self._mutex = threading.RLock()
         self._closed = False
         self._writer: Writer | None = None
+        self._follower: Follower | None = None
         # The writer lock comes before the manifest is read: no other writer can replace
         # it between our reading it and our recovery.
         lock_fd = None
@@ -206,6 +212,23 @@ class Store:
     @property
     def generation(self) -> int:
         return self._manifest.generation
+
+    # --- served versions ----------------------------------------------------------------
+
+    def follower(self) -> Follower:
+        """This store's ``Follower`` (made on first use): batches served whole from one
+        version, moving to the writer's newest checkpoint between batches. The writer
+        must publish versions (``serve_versions=True``), else VersionsNotServedError."""
+        self._check_open()
+        with self._mutex:
+            if self._follower is None:
+                self._follower = Follower(self.path, self._catalog)
+            return self._follower
+
+    def lookup(self, requests: Any) -> dict[str, np.ndarray]:
+        """Rows for ``{table: ids}`` (dense tables), all from one version of the store:
+        as of one checkpoint of the writer, never a mix (``Follower.lookup``)."""
+        return self.follower().lookup(requests)[1]
 
     # --- tables: a mapping of name -> Table --------------------------------------------
 
@@ -452,6 +475,8 @@ class Store:
                 if self._writer is not None:
                     self._writer.close()
             finally:
+                if self._follower is not None:
+                    self._follower.close()
                 self._catalog.close_all()
                 self._closed = True
                 if self._writer is not None:

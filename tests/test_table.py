@@ -166,6 +166,20 @@ def test_gather_accepts_any_integer_id_dtype(ro_table, ids_dtype) -> None:
                                   ro_table.expected[ids.astype(np.int64)])
 
 
+@pytest.mark.parametrize("ids_dtype", [np.int32, np.int64])
+def test_a_batch_longer_than_the_cold_probe_is_read_whole(ro_table, ids_dtype) -> None:
+    """The cache-off gather reads its first rows apart (timed: a cold batch requests the
+    other rows' pages at once) and then the rest: every row must land where it belongs."""
+    was = ro_table.table.cache_bytes
+    ro_table.table.set_cache_bytes(0)
+    try:
+        for n in (128, 129, 1000):
+            ids = np.random.default_rng(n).integers(0, 20, n).astype(ids_dtype)
+            np.testing.assert_array_equal(ro_table.table.gather(ids), ro_table.expected[ids])
+    finally:
+        ro_table.table.set_cache_bytes(was)
+
+
 def test_gather_of_non_contiguous_ids(ro_table) -> None:
     base = np.arange(40, dtype=np.int64).reshape(4, 10) % 20
     ids = base[:, ::3]  # a strided view

@@ -1,8 +1,8 @@
 """Regenerate docs/FORMAT.md from the module docstrings that are the specification.
 
 The spec lives beside the code that implements it (embstore.format, embstore.log and
-its payload, embstore.keys, embstore.digests, embstore.snapshots); docs/FORMAT.md is
-their concatenation.
+its payload, embstore.keys, embstore.digests, embstore.snapshots, the served versions
+and access counts); docs/FORMAT.md is their concatenation.
 tests/test_docs.py fails when the two drift, so run this after editing a spec docstring:
 
     python tools/gen_format_doc.py
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 SPEC_MODULES = ("embstore.format", "embstore.log", "embstore.log.payload", "embstore.keys",
-                "embstore.digests", "embstore.snapshots")
+                "embstore.digests", "embstore.snapshots", "embstore.versions", "embstore.access")
 OUT = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 PREAMBLE = (
     "# embstore file format\n\n"

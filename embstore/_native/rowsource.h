@@ -17,6 +17,8 @@
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <time.h>
 
 enum { ES_F32 = 1, ES_F16 = 2, ES_BF16 = 3, ES_I8 = 4 };
 
@@ -220,8 +222,48 @@ es_gather_impl(const es_view *v, const void *ids, const int id64, int64_t n, flo
     return 0;
 }
 
-static inline int es_gather(const es_view *v, const void *ids, int id64, int64_t n, float *out) {
+static inline int es_gather_ids(const es_view *v, const void *ids, int id64, int64_t n,
+                                float *out) {
     return id64 ? es_gather_impl(v, ids, 1, n, out) : es_gather_impl(v, ids, 0, n, out);
+}
+
+/* A cold batch (its rows not in the page cache) pays one page fault per row, ~70 us
+ * each, one at a time: 4096 ids took 0.48 s from a cold 1 GB table. So the first
+ * ES_PROBE_ROWS rows are read and timed; if they took more than ES_SLOW_ROW_NS each, the
+ * pages of the other rows are first requested with MADV_WILLNEED (asynchronous reads of
+ * just those pages, all in flight at once), then read. A warm batch pays two clock
+ * reads. Stateless, so the TensorFlow op (which shares this code) does the same. */
+#define ES_PROBE_ROWS 32
+#define ES_SLOW_ROW_NS 5000
+
+static inline uint64_t es_now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static inline void es_request_rows(const es_view *v, const void *ids, int id64, int64_t n) {
+    const uintptr_t page = 4096;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t row = id64 ? ((const int64_t *)ids)[i] : (int64_t)((const int32_t *)ids)[i];
+        uintptr_t first = (uintptr_t)es_row_ptr(v, row);
+        uintptr_t start = first & ~(page - 1), end = first + (uintptr_t)v->stride;
+        (void)madvise((void *)start, end - start, MADV_WILLNEED); /* advice: errors harmless */
+        /* and the page of its seqlock counter: at 16 GB the counters of 4096 random rows
+         * sit on ~2000 pages of their own, as cold as the rows */
+        uintptr_t seq = (uintptr_t)es_seq_ptr(v, row) & ~(page - 1);
+        (void)madvise((void *)seq, page, MADV_WILLNEED);
+    }
+}
+
+static inline int es_gather(const es_view *v, const void *ids, int id64, int64_t n, float *out) {
+    if (n <= 4 * ES_PROBE_ROWS) return es_gather_ids(v, ids, id64, n, out);
+    uint64_t t0 = es_now_ns();
+    if (es_gather_ids(v, ids, id64, ES_PROBE_ROWS, out) < 0) return -1;
+    const char *rest = (const char *)ids + ES_PROBE_ROWS * (id64 ? 8 : 4);
+    if (es_now_ns() - t0 > (uint64_t)ES_PROBE_ROWS * ES_SLOW_ROW_NS)
+        es_request_rows(v, rest, id64, n - ES_PROBE_ROWS);
+    return es_gather_ids(v, rest, id64, n - ES_PROBE_ROWS, out + (size_t)ES_PROBE_ROWS * v->dim);
 }
 
 /* Index of the first id outside [0, num_rows), or -1. One branch-free pass finds

@@ -1,5 +1,9 @@
 """``warm PATH [TABLE]``: read a store's files into the page cache before serving.
 
+With ``--counts DIR`` (access counts that serving processes recorded, embstore.access)
+the hottest rows are read first, hottest first, so that a process can take traffic
+before the whole store is in; ``--hot-only`` stops there.
+
 Readers map shards with MADV_RANDOM, so a cold store pays one disk read per first touch
 of every page. Warming reads the used part of each shard (header, seqlock counters and
 rows up to num_rows; preallocated space beyond is skipped) sequentially in large chunks
@@ -15,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from embstore.errors import InvalidArgumentError
 from embstore.progress import Progress
+from embstore.serving import warm_hottest
 from embstore.cli._common import (
     progress_bar,
     Formatter,
@@ -50,16 +56,30 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="store directory")
     p.add_argument("table", metavar="TABLE", nargs="?", help="table (default: all tables, "
                    "slot tables included)")
+    p.add_argument("--counts", metavar="DIR", help="access counts directory: read the "
+                   "hottest rows first (embstore.serving.Serving(record_access=DIR))")
+    p.add_argument("--hot-rows", type=int, default=None, metavar="N",
+                   help="with --counts: at most N hottest rows per table (default: all counted)")
+    p.add_argument("--hot-only", action="store_true",
+                   help="with --counts: read only the hottest rows, not the whole files")
     add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hot_only and args.counts is None:
+        raise InvalidArgumentError("--hot-only reads the hottest rows: it needs --counts DIR")
+    hot: dict[str, int] = {}
     with open_store(args.path) as store:
         names = table_names(store, args.table)
+        if args.counts is not None:
+            with Timer() as hot_timer:
+                hot = warm_hottest(store, args.counts, args.hot_rows, names)
         if args.table is None:  # optimizer slot tables are read on every step: warm them
             names = sorted(store.info()["tables"])
         plan = {name: files_of(store.table(name)) for name in names}
+    if args.hot_only:
+        plan = {}
     total = sum(size for files in plan.values() for _, size in files)
     per_table: dict[str, dict[str, int]] = {}
     with Timer() as timer, progress_bar(total, "warm", unit="B") as bar:
@@ -68,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
             per_table[name] = {"files": len(files), "bytes": done}
     warmed = sum(t["bytes"] for t in per_table.values())
     if args.json:
-        print_json({"tables": per_table, "bytes": warmed, "seconds": timer.seconds})
+        print_json({"tables": per_table, "bytes": warmed, "seconds": timer.seconds,
+                    "hot_rows": hot})
         return 0
+    if hot:
+        print(f"hottest rows first: {sum(hot.values())} rows in "
+              f"{fmt_seconds(hot_timer.seconds)}")
     if per_table:
         print(aligned([(n, t["files"], fmt_bytes(t["bytes"])) for n, t in per_table.items()],
                       header=("table", "files", "bytes")))

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import embstore
 from embstore.errors import InvalidArgumentError, StoreNotFoundError
+from embstore.follow import Follower
 from embstore.store import Store
 from embstore.table import Table
 
@@ -39,6 +40,7 @@ _overrides: dict[str, str] = {}           # saved absolute path -> path to use i
 _override_all: list[str | None] = [None]
 _open_settings: dict[str, Any] = {}
 _listeners: list[Callable[[], None]] = []  # told when resolutions may have changed
+_following: set[str] = set()              # stores served a whole version per batch
 
 
 def add_listener(fn: Callable[[], None]) -> None:
@@ -175,6 +177,26 @@ def resolve(ref: bytes) -> Table:
         return table
 
 
+def follow(path: str | os.PathLike) -> None:
+    """Serve the store at ``path`` (an effective path) by versions: every gather goes
+    through its ``Follower`` (embstore.follow), not the newest rows."""
+    with _lock:
+        _following.add(_abs(path))
+        _changed()
+
+
+def follower_for(ref: bytes) -> "tuple[Follower, str] | None":
+    """(the store's follower, table) when the reference's store is followed."""
+    if not _following:
+        return None
+    saved, name = parse_ref(ref)
+    key = effective_path(saved)
+    if key not in _following:
+        return None
+    with _lock:
+        return open_store(key).follower(), name
+
+
 def forget(ref: bytes) -> None:
     """Drop a cached resolution (its store was closed): the next resolve opens anew."""
     with _lock:
@@ -196,3 +218,4 @@ def close_stores() -> None:
         _changed()
         _overrides.clear()
         _override_all[0] = None
+        _following.clear()

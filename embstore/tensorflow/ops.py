@@ -161,12 +161,15 @@ def _gather_callback(ref: bytes, ids: np.ndarray, dim: np.ndarray | None = None
     not hand TensorFlow rows that contradict the op's static shape."""
     for attempt in (0, 1):
         table = _table_for(ref)
+        following = _registry.follower_for(ref)
         if dim is not None and table.dim != int(dim):
             raise EmbstoreOpError(
                 f"ShapeError: table {table.name!r} (reference {ref.decode()}) has dim "
                 f"{table.dim}, but the graph was built for dim {int(dim)} (was the store "
                 "path redirected to another table?)") from None
         try:
+            if following is not None:  # rows of the version being served (etf.load)
+                return following[0].gather(following[1], ids)
             if table.key_type is not None:  # keyed tables: index lookups, no pool
                 return table.gather(ids)
             out = _pool.take(ids.shape + (table.dim,))

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tensorflow as tf
 
-from embstore.errors import StoreNotFoundError
+from embstore.errors import InvalidArgumentError, StoreNotFoundError, VersionChurnError
+from embstore.follow import MAX_SWITCHES, Follower
 from embstore.tensorflow import _native_op, _registry
 from embstore.tensorflow.ops import APPLY_TOKEN, GATHER_TOKEN
 
-__all__ = ["load", "saved_references"]
+__all__ = ["Following", "load", "saved_references"]
 
 
 def saved_references(export_dir: str | os.PathLike) -> list[tuple[str, str]]:
@@ -61,14 +62,27 @@ def _scan(export_dir: str | os.PathLike) -> tuple[set[tuple[str, str]], set[str]
 
 
 def load(export_dir: str | os.PathLike, *, store_path: str | os.PathLike | None = None,
-         tags: Any = None, options: Any = None) -> Any:
+         tags: Any = None, options: Any = None, follow: bool = False) -> Any:
     """``tf.saved_model.load`` for models that read embstore tables.
 
     ``store_path``: serve every table from the store at this path (same as
     :func:`embstore.tensorflow.set_store_path`); else ``EMBSTORE_PATH`` or the saved
     paths apply. Raises StoreNotFoundError naming the path when a store the model reads
-    is missing."""
+    is missing.
+
+    ``follow=True``: serve the stores' versions (their writer runs with
+    ``serve_versions=True``): the model is returned wrapped so that each call (``model(x)``,
+    ``model.serve(x)``, ``model.signatures[k](x)``) reads every table from one checkpoint
+    of the writer, and moves to the newest checkpoint between calls (a call that a new
+    checkpoint overtook runs again). The graph must read through the PyFunc path (export
+    it with ``EMBSTORE_TF_NATIVE=0``, or from tables with a hot-row cache): the native
+    op reads the shards' newest rows."""
     refs, natives = _scan(export_dir)
+    if follow and natives:
+        raise InvalidArgumentError(
+            f"the SavedModel at {export_dir} reads through the native {_native_op.OP_NAME} "
+            "op, which serves the newest rows, not a version: export it with "
+            f"{_native_op.ENV_NATIVE}=0 to serve it with follow=True")
     if natives and _native_op.load() is None:
         raise RuntimeError(
             f"the SavedModel at {export_dir} uses the native {_native_op.OP_NAME} op, which "
@@ -85,4 +99,47 @@ def load(export_dir: str | os.PathLike, *, store_path: str | os.PathLike | None 
                 "embstore.tensorflow.set_store_path")
     if store_path is not None:
         _registry.set_store_path(store_path)
-    return tf.saved_model.load(os.fspath(export_dir), tags=tags, options=options)
+    model = tf.saved_model.load(os.fspath(export_dir), tags=tags, options=options)
+    if not follow:
+        return model
+    paths = sorted({os.path.abspath(store_path) if store_path is not None
+                    else _registry.effective_path(saved) for saved, _table in refs})
+    followers = []
+    for path in paths:
+        _registry.follow(path)
+        followers.append(_registry.open_store(path).follower())
+    return Following(model, followers)
+
+
+class Following:
+    """A loaded SavedModel whose calls each serve one version of its stores (see
+    ``load(follow=True)``); attributes that are not callables pass through."""
+
+    def __init__(self, model: Any, followers: list[Follower]) -> None:
+        self._model, self._followers = model, followers
+
+    @property
+    def versions(self) -> list[int]:
+        """The version each store was served at by the last call."""
+        return [f.version for f in self._followers]
+
+    def _consistent(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for _ in range(MAX_SWITCHES):
+                numbers = [f.begin() for f in self._followers]
+                out = fn(*args, **kwargs)
+                if all(f.still(n) for f, n in zip(self._followers, numbers)):
+                    return out
+            raise VersionChurnError(f"{MAX_SWITCHES} versions were published during one call")
+        return call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._consistent(self._model)(*args, **kwargs)
+
+    @property
+    def signatures(self) -> dict[str, Callable[..., Any]]:
+        return {k: self._consistent(f) for k, f in self._model.signatures.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._model, name)
+        return self._consistent(attr) if callable(attr) else attr

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from embstore.catalog import TABLES_DIR, Catalog
 from embstore.errors import DurabilityError, as_durability_error
 from embstore.fs import FileSystem, refuse_link
@@ -38,6 +40,7 @@ from embstore.table import Table
 from embstore.writer.apply import apply_entry, reconcile_rows, row_limit
 from embstore.writer.changes import ChangeTrackers
 from embstore.writer.digesting import DirtyBlocks
+from embstore.writer.versions import VersionKeeper
 from embstore.writer.interrupts import GATE
 from embstore.writer.replay import ReplayPlan, rows_to_write
 
@@ -79,6 +82,11 @@ class Writer:
         self.last_checkpoint = time.monotonic()
         catalog.lost_keys = self.logged_keys
         catalog.write_failed = self.write_failed
+        # values of overwritten rows, for readers that serve whole versions
+        self.versions: VersionKeeper | None = None
+        if settings.get("serve_versions"):
+            self.versions = VersionKeeper(root, fs, catalog)
+            self.versions.start(manifest.checkpoint_lsn)
         GATE.open_writer()
 
     def logged_keys(self, table: str, first: int, stop: int) -> dict[int, int | bytes]:
@@ -178,7 +186,14 @@ class Writer:
     def _apply(self, tables: list[Table], entries: list[Entry], lsn: int) -> None:
         for table, entry in zip(tables, entries):
             # the LSN a commit returns is the one just past its record
-            apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), lsn)
+            self._apply_one(table, entry, lsn, lsn)
+
+    def _apply_one(self, table: Table, entry: Entry, lsn: int, end: int,
+                   keep: np.ndarray | None = None) -> None:
+        """Apply one entry (``keep``: recovery's mask of the rows it writes)."""
+        if self.versions is not None:  # the old values are kept before they go
+            self.versions.before_apply(table, entry.rows if keep is None else entry.rows[keep])
+        apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), end, keep)
 
     def _row_limit(self, table: Table, entry: Entry) -> int:
         """``apply.row_limit``, with a slot table's table from the catalog."""
@@ -249,6 +264,9 @@ class Writer:
                 self.log.rotate()
             self.log.recycle(lsn)
             self.last_checkpoint = time.monotonic()
+            if self.versions is not None:
+                with self.durable("publishing a served version"):
+                    self.versions.roll(lsn)
             return lsn
 
     # --- recovery -----------------------------------------------------------------------
@@ -274,8 +292,7 @@ class Writer:
                 # the index has not applied this record: its new keys' rows are written
                 unapplied = index is not None and end > index.applied_lsn
                 keep = rows_to_write(plan, entry, count - 1, unapplied)
-                apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry),
-                            end, keep)
+                self._apply_one(table, entry, lsn, end, keep)
         for name in self.manifest.table_names:
             table = self.catalog.get(name)
             if table._shards.source.repair_seq():
@@ -306,11 +323,15 @@ class Writer:
                     self.checkpoint()
             finally:
                 self.log.close()
+                if self.versions is not None:
+                    self.versions.close()
 
     def abandon(self) -> None:
         """Close the log without a checkpoint (a failed open): write nothing more."""
         with self.lock:
             self.log.close()
+            if self.versions is not None:
+                self.versions.close()
 
     def release_lock(self) -> None:
         if self._lock_fd is not None:

@@ -73,3 +73,13 @@ def serve_commands(handle: Callable[[dict[str, Any]], dict[str, Any]], **hello: 
     for line in sys.stdin:
         emit(handle(json.loads(line)))
     return 0
+
+
+def release(procs: list[subprocess.Popen], timeout: float = 30) -> None:
+    """Tell children that wait on stdin to exit (a newline), killing any that do not."""
+    for p in procs:
+        try:
+            p.communicate("\n", timeout=timeout)
+        except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
+            p.kill()
+            p.wait()

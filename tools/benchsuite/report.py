@@ -215,6 +215,8 @@ def benchmarks_md(results: Results, plots: dict[str, str]) -> str:
         load = [sc.get(k, [0])[0] for k in ("loadavg_start", "loadavg_end")]
         out += [f"Scenario time: {sc.get('elapsed_s', 0):.0f} s; load average "
                 f"{load[0]:.2f} -> {load[1]:.2f}.", ""]
+    if "serving" in about:  # measured apart (tools/bench_serving.py): kept as written
+        out += ["## Serving (tools/bench_serving.py, issue 13)", "", about["serving"], ""]
     return "\n".join(out)
 
 

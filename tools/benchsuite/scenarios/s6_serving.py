@@ -15,7 +15,7 @@ import numpy as np
 from benchsuite.cases import Skip, log, make_case, stats
 from benchsuite.fmt import size_text
 from benchsuite.host import main_copy, meminfo, scratch, warm
-from benchsuite.procs import child_argv, emit
+from benchsuite.procs import child_argv, emit, release
 
 TITLE = "Memory of N serving processes"
 USES_MAIN_TABLE = True
@@ -45,12 +45,7 @@ def serve_group(kind: str, path: Path, n: int, batch: int) -> tuple[int, float]:
             ready.append(json.loads(line)["ready_s"])
         return sum(pss(p.pid) for p in procs), max(ready)
     finally:
-        for p in procs:
-            try:
-                p.communicate("\n", timeout=30)
-            except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
-                p.kill()
-                p.wait()
+        release(procs)
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:

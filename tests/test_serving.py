@@ -1,0 +1,269 @@
+"""Serving whole versions (embstore.versions, embstore.follow): a reader's batch comes
+from one checkpoint of the writer across all tables, hot-row cache included, while the
+writer trains on in place; a writer that dies leaves its readers on their version."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import embstore
+from embstore.errors import (
+    IdOutOfRangeError,
+    InvalidArgumentError,
+    TableNotFoundError,
+    VersionsNotServedError,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def full(n: int, dim: int, value: float) -> np.ndarray:
+    return np.full((n, dim), value, np.float32)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A writer publishing versions, with two tables, and a reader of it."""
+    path = tmp_path / "store"
+    writer = embstore.create(path, serve_versions=True)
+    writer.create_table("a", 4, rows=256, chunk_rows=8)
+    writer.create_table("b", 2, rows=16)
+    writer.checkpoint()
+    reader = embstore.open(path, cache_bytes=1 << 20)
+    yield writer, reader
+    reader.close()
+    writer.close()
+
+
+def test_a_batch_is_the_last_checkpoint_across_tables_while_the_writer_moves_on(served):
+    writer, reader = served
+    writer["a"].update([1, 2], full(2, 4, 1.0))
+    writer["b"].update([3], full(1, 2, 1.0))
+    # not checkpointed: the version served is still the one before both updates
+    got = reader.lookup({"a": [1, 2, 3], "b": [3]})
+    assert (got["a"] == 0).all() and (got["b"] == 0).all()
+    assert (reader["a"].gather([1]) == 1).all()  # the plain read view sees the newest row
+    writer.checkpoint()
+    got = reader.lookup({"a": [1, 2, 3], "b": [3]})
+    assert (got["a"][:2] == 1).all() and (got["a"][2] == 0).all() and (got["b"] == 1).all()
+    writer["a"].update([1], full(1, 4, 2.0))
+    writer["a"].update([1], full(1, 4, 3.0))  # the value at the version is kept, once
+    assert (reader.lookup({"a": [1]})["a"] == 1).all()
+
+
+def test_a_switch_under_a_hot_row_cache_serves_no_stale_row_and_keeps_unchanged_ones(served):
+    writer, reader = served
+    ids = np.arange(0, 64)
+    reader.lookup({"a": ids})
+    reader.lookup({"a": ids})  # every row now cached
+    before = reader["a"].stats()
+    writer["a"].update([5], full(1, 4, 7.0))  # chunk 0 (rows 0-7) changes
+    writer.checkpoint()
+    got = reader.lookup({"a": ids})["a"]
+    assert (got[5] == 7).all() and (np.delete(got, 5, axis=0) == 0).all()
+    after = reader["a"].stats()
+    # rows outside the changed chunk are served from the cache, not read again
+    assert after["misses"] - before["misses"] <= 8
+    assert after["hits"] - before["hits"] >= 56
+    assert reader.follower().switches == 1
+
+
+def test_rows_appended_after_a_version_are_beyond_it_until_the_next(served):
+    writer, reader = served
+    writer["b"].append(full(4, 2, 5.0))
+    assert reader["b"].num_rows <= 20
+    with pytest.raises(IdOutOfRangeError):
+        reader.lookup({"b": [17]})
+    writer.checkpoint()
+    assert (reader.lookup({"b": [17]})["b"] == 5).all()
+
+
+def test_tables_created_after_a_version_appear_with_the_next(served):
+    writer, reader = served
+    writer.create_table("c", 3, rows=4)
+    with pytest.raises(TableNotFoundError):
+        reader.lookup({"c": [0]})
+    writer.checkpoint()
+    assert reader.lookup({"c": [0]})["c"].shape == (1, 3)
+
+
+def test_bad_lookups_are_typed_errors(served, tmp_path):
+    writer, reader = served
+    with pytest.raises(InvalidArgumentError):
+        reader.lookup({})
+    with pytest.raises(TableNotFoundError):
+        reader.lookup({"nope": [0]})
+    with pytest.raises(IdOutOfRangeError):
+        reader.lookup({"a": [-1]})
+    writer.create_table("k", 2, key_type="int64")
+    writer.checkpoint()
+    with pytest.raises(InvalidArgumentError, match="keyed"):
+        reader.lookup({"k": [0]})
+    with pytest.raises(InvalidArgumentError, match="serve_versions"):
+        embstore.create(tmp_path / "x", serve_versions="yes")
+
+
+def test_a_store_without_versions_says_how_to_get_them(store_factory, tmp_path):
+    store = store_factory("plain")
+    store.create_table("a", 2, rows=2)
+    store.checkpoint()
+    with embstore.open(tmp_path / "plain") as reader, pytest.raises(
+            VersionsNotServedError, match="serve_versions=True"):
+        reader.lookup({"a": [0]})
+
+
+def test_readers_keep_their_version_through_a_writer_crash_and_move_after_recovery(tmp_path):
+    path = tmp_path / "store"
+    with embstore.create(path, serve_versions=True) as store:
+        store.create_table("a", 2, rows=8)
+    reader = embstore.open(path)
+    assert (reader.lookup({"a": [3]})["a"] == 0).all()
+    # a writer updates rows and dies without a checkpoint (no close)
+    code = textwrap.dedent(f"""
+        import os, numpy as np, embstore
+        s = embstore.open({str(path)!r}, "r+", serve_versions=True)
+        s["a"].update([3], np.full((1, 2), 9, np.float32))
+        s["a"].update([4], np.full((1, 2), 8, np.float32))
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert (reader["a"].gather([3]) == 9).all()  # in the shards already
+    assert (reader.lookup({"a": [3, 4]})["a"] == 0).all()  # not in the version served
+    with embstore.open(path, "r+", serve_versions=True):  # recovery publishes them
+        got = reader.lookup({"a": [3, 4]})["a"]
+    assert (got[0] == 9).all() and (got[1] == 8).all()
+    reader.close()
+
+
+def race(batches: int, readers: int = 2) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "serve_race.py"), "--batches",
+                          str(batches), "--readers", str(readers), "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode in (0, 1), out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_reader_processes_switching_versions_while_the_writer_trains_see_no_mix():
+    got = race(2000)
+    assert got["batches"] == 4000 and got["versions"] > 2, got
+    assert (got["mixed"], got["torn"], got["backwards"], got["writer_exit"]) == (0, 0, 0, 0)
+
+
+@pytest.mark.slow
+def test_a_million_batches_switching_versions_see_no_mix():
+    got = race(500_000)
+    assert got["batches"] == 1_000_000, got
+    assert (got["mixed"], got["torn"], got["backwards"], got["writer_exit"]) == (0, 0, 0, 0)
+
+
+# --- switching to another store directory (a release, a restored snapshot) -----------
+
+
+def two_releases(tmp_path):
+    for value in (1, 2):
+        with embstore.create(tmp_path / f"r{value}") as store:
+            store.create_table("a", 4, data=full(64, 4, value))
+            store.create_table("b", 2, data=full(64, 2, value))
+    return tmp_path / "r1", tmp_path / "r2"
+
+
+def test_switching_stores_under_traffic_serves_each_batch_from_one(tmp_path):
+    import threading
+    from embstore.serving import Serving
+    r1, r2 = two_releases(tmp_path)
+    prepared = []
+    serving = Serving(r1, cache_bytes=1 << 16, prepare=lambda s: prepared.append(s.path))
+    stop, bad, served = threading.Event(), [], [0]
+
+    def client(seed):
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            (path, _), rows = serving.lookup({"a": rng.integers(0, 64, 16),
+                                              "b": rng.integers(0, 64, 16)})
+            want = 1 if path == str(r1) else 2
+            if not ((rows["a"] == want).all() and (rows["b"] == want).all()):
+                bad.append(path)
+            served[0] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(100):
+        serving.switch_to(r2 if i % 2 == 0 else r1)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert bad == [] and served[0] > 0
+    assert serving.switches == 100 and len(prepared) == 101  # every store before traffic
+    assert serving.path == r1
+    serving.close()
+    with pytest.raises(embstore.errors.StoreClosedError):
+        serving.lookup({"a": [0]})
+
+
+def test_serving_follows_checkpoints_then_switches_to_a_release(tmp_path):
+    from embstore.serving import Serving
+    r1, _ = two_releases(tmp_path)
+    live = tmp_path / "live"
+    with embstore.create(live, serve_versions=True) as writer:
+        writer.create_table("a", 4, rows=64)
+        writer.checkpoint()
+        with Serving(live) as serving:
+            writer["a"].update([0], full(1, 4, 9))
+            (path, v1), rows = serving.lookup({"a": [0]})
+            assert (rows["a"] == 0).all()
+            writer.checkpoint()
+            (path, v2), rows = serving.lookup({"a": [0]})
+            assert (rows["a"] == 9).all() and v2 == v1 + 1 and path == str(live)
+            serving.switch_to(r1)  # a store nobody writes: served as it is
+            assert serving.lookup({"a": [0]})[0] == (str(r1), 0)
+
+
+def test_a_hostile_undo_file_is_a_format_error_not_a_wild_write(tmp_path):
+    import struct
+    from embstore.errors import FormatError
+    path = tmp_path / "store"
+    with embstore.create(path, serve_versions=True) as store:
+        store.create_table("a", 2, rows=8)
+    with embstore.open(path) as reader:
+        version = reader.follower().version
+        undo = path / "serve" / str(version) / "a.undo"
+        count = 1
+        header = struct.pack("<8sIIQQ", b"EMBUNDO1", 2, 0, count, ~count & (2**64 - 1))
+        undo.write_bytes(header.ljust(64, b"\0") + struct.pack("<qff", 10**9, 1.0, 1.0))
+        with pytest.raises(FormatError, match="outside"):
+            reader.lookup({"a": [0]})
+        undo.write_bytes(header.ljust(64, b"\0"))  # count 1, no record
+        reader.close()
+    with embstore.open(path) as reader, pytest.raises(FormatError, match="shorter"):
+        reader.lookup({"a": [0]})
+
+
+def test_switching_to_named_snapshots_serves_each_as_it_was_taken(tmp_path):
+    from embstore.serving import Serving
+    live = tmp_path / "live"
+    with embstore.create(live, serve_versions=True) as writer:
+        writer.create_table("a", 4, data=full(64, 4, 1))
+        writer.snapshot("one")
+        writer["a"].update(np.arange(64), full(64, 4, 2))
+        writer.snapshot("two")
+        writer.checkpoint()
+        with Serving(live) as serving:
+            assert (serving.lookup({"a": np.arange(64)})[1]["a"] == 2).all()
+            serving.switch_to_snapshot(live / "snapshots", "one", tmp_path / "s1")
+            (path, _), rows = serving.lookup({"a": np.arange(64)})
+            assert path == str(tmp_path / "s1") and (rows["a"] == 1).all()
+            serving.switch_to_snapshot(live / "snapshots", "two", tmp_path / "s2")
+            assert (serving.lookup({"a": np.arange(64)})[1]["a"] == 2).all()
+            with pytest.raises(embstore.errors.SnapshotNotFoundError):
+                serving.switch_to_snapshot(live / "snapshots", "three", tmp_path / "s3")
+            assert serving.path == tmp_path / "s2"  # a failed switch leaves it serving
