@@ -345,3 +345,31 @@ def test_lmdb_giving_one_key_two_rows_is_reported_and_never_copied_into_keys_bin
     assert not any("rebuilt" in line for line in done.fixed), done
     assert (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes() == keys_bin
     assert any(f.fatal for f in check_store(tmp_path))
+
+
+def test_a_flipped_lmdb_key_never_replaces_a_key_that_keys_bin_vouches_for(tmp_path):
+    """Torture T4 (new.5): a flip made LMDB map a row to a key it holds nowhere else.
+    check blamed keys.bin, whose data CRC was intact, and check --fix rebuilt it from
+    LMDB, so the row's key was replaced. An intact keys.bin of a store whose index
+    applied nothing past its checkpoint is the keys' record: the mismatch is LMDB's."""
+    from embstore.check import check_store, repair
+    from embstore.keys.convert import encode_int_key
+
+    base = 7 << 40
+    with create_store(tmp_path) as store:
+        store.create_table("k", 4, key_type="int64", missing="raise").insert(
+            np.arange(base, base + 80), np.arange(320, dtype=np.float32).reshape(80, 4))
+    mdb = data_mdb(tmp_path)
+    data = mdb.read_bytes()
+    assert data.count(encode_int_key(base + 31)) == 1
+    mdb.write_bytes(data.replace(encode_int_key(base + 31), encode_int_key(base + 1000)))
+    keys_bin = (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes()
+    faults = check_store(tmp_path)
+    assert any(f.fatal and "keys.lmdb" in f.path and f"key {base + 1000}" in f.message
+               for f in faults), [str(f) for f in faults]
+    done = repair(tmp_path, faults)
+    assert not any("rebuilt" in line for line in done.fixed), done
+    assert (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes() == keys_bin
+    with embstore.open(tmp_path) as store:  # the key keeps its row
+        np.testing.assert_array_equal(store["k"].gather([base + 31]),
+                                      np.arange(124, 128, dtype=np.float32).reshape(1, 4))

@@ -418,13 +418,16 @@ def test_check_finds_planted_inconsistencies(tmp_path):
     keys, path = make_index(d, n=50)
     with KeyIndex.open(d) as ix:
         assert check_key_index(ix) == []
-        # A key mismatch with valid CRCs: row 7's key replaced, header rewritten.
+        # A key mismatch with valid CRCs: row 7's key replaced, header rewritten. Which
+        # side is wrong cannot be told; the intact keys file is trusted, LMDB is named
+        # (a rebuild from LMDB would replace a good key if the flip were LMDB's: new.5).
         poke(path, HEADER_SIZE + 8 * 7, "<q", 424242)
         data = open(path, "rb").read()[HEADER_SIZE:]
         with open(path, "r+b") as f:
             f.write(keyfile.pack_header(1, 50, zlib.crc32(data)))
         faults = check_key_index(ix)
-        assert any("keys.bin: key mismatch: row 7 holds key 424242" in str(f) for f in faults), faults
+        assert any(f"keys.lmdb: key mismatch: LMDB maps key {keys[7]} to row 7, whose key in "
+                   "the intact keys file is 424242" in str(f) for f in faults), faults
         assert all(f.path in (path, ix._lmdb_path) for f in faults)
         ix.rebuild()
         assert check_key_index(ix) == [] and ix.lookup([keys[7]])[0] == 7

@@ -1,8 +1,8 @@
 """Run one torture case in a forked child: a signal, a hang or a memory blow-up is then a
 finding the parent reports, not the end of the run.
 
-``run(fn, *args, timeout=..., mem_bytes=...)`` forks; the child caps its data segment
-(RLIMIT_DATA: heap and anonymous mappings, not file mappings, so the key index's 32 GiB
+``run(fn, *args, timeout=..., mem_bytes=...)`` forks; the child caps its data segment at
+``mem_bytes`` more than it inherited (RLIMIT_DATA: heap and anonymous mappings, not file mappings, so the key index's 32 GiB
 address reservation and shard mappings still work), calls ``fn(say, *args)`` and sends
 the return value. ``say(message)`` streams a JSON message to the parent at once, so what
 a child reported before it was killed (operations it acknowledged) survives the kill.
@@ -82,6 +82,15 @@ class Running:
         return _collect(self.pid, self.fd, time.monotonic(), timeout, self.t0)
 
 
+def _data_bytes() -> int:
+    """This process's data segment now (VmData: what RLIMIT_DATA counts)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def spawn(fn: Callable[..., Any], *args: Any, mem_bytes: int | None = None) -> Running:
     """Start ``fn(say, *args)`` in a forked child; it runs beside the caller."""
     r, w = os.pipe()
@@ -93,7 +102,10 @@ def spawn(fn: Callable[..., Any], *args: Any, mem_bytes: int | None = None) -> R
         faulthandler.disable()  # a signal here is a finding the parent reports, not a dump
         try:
             if mem_bytes:
-                resource.setrlimit(resource.RLIMIT_DATA, (mem_bytes, mem_bytes))
+                # on top of what the parent already holds (a test process that imported
+                # TensorFlow or pyarrow before forking may hold more than the cap itself)
+                cap = _data_bytes() + mem_bytes
+                resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
             value = fn(lambda msg: _send(w, {"say": msg}), *args)
             _send(w, {"result": value})
         except BaseException as exc:  # noqa: BLE001 - every failure is reported
