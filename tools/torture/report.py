@@ -59,7 +59,7 @@ KNOWN = {
 # a failure that matches one is a regression, never an expected failure.
 # new.1 and new.2 (found here) are fixed on this branch.
 FIXED = frozenset({"15.1", "15.2", "15.3", "15.4", "15.5", "15.6", "15.7", "15.8", "15.9",
-                   "15.10", "new.1", "new.2"})
+                   "15.10", "new.1", "new.2", "new.5"})
 
 
 @dataclass
