@@ -33,6 +33,7 @@ from embstore.errors import SnapshotNotFoundError, StoreExistsError
 from embstore.fs import REAL
 from embstore.snapshots import SnapshotInfo, open_repo
 from embstore.snapshots.backend import REPO_FILE
+from embstore.store import SNAPSHOTS_DIR
 
 __all__ = ["restore_snapshot", "snapshot"]
 
@@ -48,7 +49,7 @@ def _repo_path(smap: ShardMap, shard: int, repo: str | os.PathLike | None) -> Pa
     set is given, else the shard store's own ``snapshots`` directory."""
     if repo is not None:
         return Path(repo) / smap.shards[shard].store
-    return smap.store_path(shard) / "snapshots"
+    return smap.store_path(shard) / SNAPSHOTS_DIR
 
 
 def snapshot(smap: ShardMap | str | os.PathLike, name: str, *,
@@ -60,8 +61,7 @@ def snapshot(smap: ShardMap | str | os.PathLike, name: str, *,
     infos = []
     for i in range(smap.num_shards):
         with embstore.open(smap.store_path(i), mode="r+") as store:
-            where = _repo_path(smap, i, repo) if repo is not None else None
-            infos.append(store.snapshot(name, repo=where, **options))
+            infos.append(store.snapshot(name, repo=_repo_path(smap, i, repo), **options))
     return infos
 
 
