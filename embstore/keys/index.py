@@ -321,7 +321,7 @@ class KeyIndex(IndexInspection, IndexLifecycle):
             if h.count == self._count and h.capacity and not self._stale:
                 return h
             try:
-                self._extend_hash()
+                self._extend_hash_settled()
             except ValueError as exc:  # ChecksumError, or a key at two rows
                 self._repair(f"keys are damaged: {exc}")
                 try:
@@ -330,6 +330,22 @@ class KeyIndex(IndexInspection, IndexLifecycle):
                     raise FormatError(f"keys rebuilt from LMDB are still bad: {again}",
                                       self._lmdb_path) from again
             return self._hash
+
+    def _extend_hash_settled(self) -> None:
+        """``_extend_hash``; a reader whose check fails reads the header again first,
+        for a while: the writer rewrites keys in place data first, header after, so a
+        reader can read one commit's header and a later commit's keys."""
+        for attempt in range(HEADER_RETRIES):
+            try:
+                return self._extend_hash()
+            except ValueError:
+                if not self.readonly or self._tmp is not None or attempt == HEADER_RETRIES - 1:
+                    raise
+            time.sleep(0.002 * (attempt + 1))
+            count, crc, gen = self._read_header(self._fd, self._keys_path)
+            if gen != self._generation:
+                self._stale, self._generation = True, gen
+            self._count, self._data_crc = max(count, self._count), crc
 
     def _extend_hash(self) -> None:
         h = self._hash
