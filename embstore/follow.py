@@ -23,13 +23,17 @@ from embstore.errors import (
     IdOutOfRangeError,
     InvalidArgumentError,
     TableNotFoundError,
+    UnknownKeyError,
     VersionChurnError,
     VersionsNotServedError,
 )
+from embstore.table import Table
 from embstore.versions import (
     VERSION_NAME,
+    KeyUndoReader,
     UndoReader,
     check_ids_at,
+    key_undo_path,
     parse_version,
     read_rows,
     serve_dir,
@@ -47,12 +51,15 @@ class Version:
         self.number, self.rows = number, rows
         if any(name not in catalog.manifest for name in rows):
             catalog.manifest.add_new_tables()  # created by the writer since we opened
+        present = [name for name in rows if name in catalog.manifest]
         self.undo = {name: UndoReader(undo_path(root, number, name),
-                                      catalog.manifest.meta(name).dim, count)
-                     for name, count in rows.items() if name in catalog.manifest}
+                                      catalog.manifest.meta(name).dim, rows[name])
+                     for name in present}
+        self.key_undo = {name: KeyUndoReader(key_undo_path(root, number, name), rows[name])
+                         for name in present if catalog.manifest.meta(name).key_type}
 
     def close(self) -> None:
-        for reader in self.undo.values():
+        for reader in [*self.undo.values(), *self.key_undo.values()]:
             reader.close()
 
 
@@ -111,8 +118,11 @@ class Follower:
     def lookup(self, requests: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray]]:
         """Rows for ``{table: ids}``, all from one version: (that version, {table: rows}).
 
-        Dense tables only (row ids); an id must be below the table's row count at the
-        version served. A batch that a new version overtook is served again from it."""
+        Dense tables take row ids, below the table's row count at the version served;
+        keyed tables take keys, each read as it was at that version (a key inserted
+        since reads as unknown, under the table's ``missing`` policy; a key deleted
+        since reads its row as it was). A batch that a new version overtook is served
+        again from it."""
         if not isinstance(requests, Mapping) or not requests:
             raise InvalidArgumentError("lookup takes a non-empty {table: ids} mapping")
         for _ in range(MAX_SWITCHES):
@@ -120,7 +130,7 @@ class Follower:
                 version = self._version()
             try:
                 out = {name: self._gather(version, name, ids) for name, ids in requests.items()}
-            except (IdOutOfRangeError, TableNotFoundError):
+            except (IdOutOfRangeError, TableNotFoundError, UnknownKeyError):
                 if self.published() == version.number:
                     raise  # not in the newest version either
                 out = None  # the table or rows may exist in the newer one
@@ -161,15 +171,74 @@ class Follower:
                                      f"store {self.root} (tables: {sorted(version.rows)})")
         table = self.catalog.get(name)
         if table.key_type is not None:
-            raise InvalidArgumentError(f"table {name!r} is keyed: lookup serves dense "
-                                       "tables by row id")
+            return self._gather_keys(version, table, ids)
         ids = as_ids(ids, version.rows[name], name)
         check_ids_at(ids, version.rows[name], name)
         out = table.gather_rows(ids)  # each row whole (seqlock); the newest values
+        self._patch(undo, ids, out)
+        return out
+
+    def patch(self, name: str, ids: np.ndarray, out: np.ndarray) -> None:
+        """Rows of a dense table gathered by the caller (the native TensorFlow op), from
+        the shards and each row whole, made the current version's: ids beyond the
+        version's rows raise, changed rows get their version values (see ``begin``)."""
+        with self._lock:
+            version = self._version()
+        undo = version.undo.get(name)
+        if undo is None:
+            raise TableNotFoundError(f"no table {name!r} in version {version.number} of "
+                                     f"store {self.root} (tables: {sorted(version.rows)})")
+        check_ids_at(ids, version.rows[name], name)
+        if ids.size and int(ids.min()) < 0:
+            raise IdOutOfRangeError(int(ids.min()), version.rows[name], name)
+        self._patch(undo, ids, out)
+
+    def _patch(self, undo: UndoReader, rows: np.ndarray, out: np.ndarray) -> None:
         with self._lock:  # records published after the rows were read cover them
             undo.refresh()
-            undo.patch(ids, out)
-        return out
+            undo.patch(rows, out)
+
+    def _rows_of_keys(self, version: Version, table: Table,
+                      keys: np.ndarray) -> np.ndarray:
+        """The row each (int64) key had at ``version``, -1 where it was no key."""
+        index, key_undo = table._keyed(), version.key_undo[table.name]
+        for attempt in (0, 1):
+            rows = index.lookup(keys)  # the newest mapping, or one this reader lags at
+            with self._lock:  # records published after the lookup cover what it saw
+                key_undo.refresh()
+                recorded = key_undo.patch(keys, rows)
+            unexplained = (rows < 0) & ~recorded
+            if attempt or not unexplained.any():
+                break
+            # An unknown key that did not change since the version: this reader's index
+            # may lag its writer; look again once after catching up.
+            before = (index.count, index.generation)
+            table.refresh()
+            index.refresh()
+            if (index.count, index.generation) == before:
+                break
+        check_ids_at(rows, version.rows[table.name], table.name)
+        return rows
+
+    def _gather_keys(self, version: Version, table: Table, keys: Any) -> np.ndarray:
+        int_keys = table._keyed().to_int64(keys)
+        flat_keys = np.ascontiguousarray(int_keys.reshape(-1))
+        rows = self._rows_of_keys(version, table, flat_keys)
+        known = rows >= 0
+        if not known.all() and table.missing == "raise":
+            first = int(np.flatnonzero(~known)[0])
+            raise UnknownKeyError(
+                f"key {flat_keys[first]} (int64 form) is not in table {table.name!r} at "
+                f"version {version.number}, which raises on unknown keys (missing='raise')")
+        out = np.empty((len(flat_keys), table.dim), np.float32)
+        if known.any():
+            at = rows[known]
+            got = table.gather_rows(at)  # each row whole (seqlock); the newest values
+            self._patch(version.undo[table.name], at, got)
+            out[known] = got
+        if not known.all():
+            out[~known] = table.initial_rows(flat_keys[~known])
+        return out.reshape(int_keys.shape + (table.dim,))
 
     def close(self) -> None:
         with self._lock:

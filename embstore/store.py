@@ -226,8 +226,9 @@ class Store:
             return self._follower
 
     def lookup(self, requests: Any) -> dict[str, np.ndarray]:
-        """Rows for ``{table: ids}`` (dense tables), all from one version of the store:
-        as of one checkpoint of the writer, never a mix (``Follower.lookup``)."""
+        """Rows for ``{table: ids}`` (row ids of dense tables, keys of keyed tables), all
+        from one version of the store: as of one checkpoint of the writer, never a mix
+        (``Follower.lookup``)."""
         return self.follower().lookup(requests)[1]
 
     # --- tables: a mapping of name -> Table --------------------------------------------

@@ -313,10 +313,10 @@ class Table(KeyLifecycle):
         present = ~flat_missing
         if present.any():
             flat_out[present] = self.gather_rows(flat_rows[present])
-        flat_out[flat_missing] = self._initial_rows(int_keys.reshape(-1)[flat_missing])
+        flat_out[flat_missing] = self.initial_rows(int_keys.reshape(-1)[flat_missing])
         return out
 
-    def _initial_rows(self, int_keys: np.ndarray) -> np.ndarray:
+    def initial_rows(self, int_keys: np.ndarray) -> np.ndarray:
         """What an unknown key reads as under the table's ``missing`` policy."""
         if self._meta.missing == "init":
             return init_rows(int_keys, self._meta.dim, self._meta.init_seed,

@@ -24,6 +24,12 @@ Layout, under ``<store>/serve/`` (all integers little-endian)::
                         (i64) and its float32 value at version v (dim x f32). A record
                         is written before the count that publishes it, and the count
                         before the writer overwrites the row.
+    <v>/<table>.keyundo keyed tables: the same 64-byte header (magic b"EMBKEYU1", dim
+                        0); then n records of a key (i64, the index's int64 form) and
+                        the row it had at version v (i64, -1: not a key at v), one
+                        record per key whose mapping the writer changed since v (an
+                        insert, a deletion, a freed row taken by a new key), written
+                        and published before the key index changes.
 
 Protocol. The writer, per commit, before writing rows of a user table: the ids not yet
 in the table's undo file and below its row count at v get their current (version v)
@@ -34,7 +40,11 @@ A reader of version v, per batch: gather from the shards (seqlock: each row whol
 then read the undo counts and put back the version-v value of every id found there,
 then read VERSION: still v, so every row it gathered changed (if at all) only while v
 was current, hence is in the undo file it read after: the batch is version v. Else it
-switches to the newest version and serves the batch again. Its hot-row cache holds
+switches to the newest version and serves the batch again. A keyed table's batch looks
+its keys up in the index first (the newest mapping, or an older one), then reads the key
+undo counts and takes the version-v row of every key found there: a key not there kept
+its row since v, so the index's answer is version v's (an unknown key that the key undo
+does not explain sends the reader to refresh its index once). Its hot-row cache holds
 shard rows validated by the seqlock, so a switch keeps every cached row of a row that
 did not change, and nothing is re-read for it.
 """
@@ -56,8 +66,11 @@ SERVE_DIR = "serve"
 VERSION_NAME = "VERSION"
 ROWS_NAME = "ROWS"
 UNDO_SUFFIX = ".undo"
+KEY_UNDO_SUFFIX = ".keyundo"
 VERSION_MAGIC = b"EMBVERS1"
 UNDO_MAGIC = b"EMBUNDO1"
+KEY_UNDO_MAGIC = b"EMBKEYU1"
+KEY_RECORD = np.dtype([("key", "<i8"), ("row", "<i8")])
 HEADER = 64  # both files: a fixed header, so the count sits at a known offset
 _VERSION = struct.Struct("<8sQQQ")
 _UNDO = struct.Struct("<8sIIQQ")
@@ -113,60 +126,56 @@ def undo_path(root: Path, version: int, table: str) -> Path:
     return serve_dir(root) / str(version) / (table + UNDO_SUFFIX)
 
 
-def _unpack_count(data: bytes, path: Path, dim: int) -> int | None:
-    magic, got_dim, _zero, count, inverse = _UNDO.unpack_from(data)
-    if magic != UNDO_MAGIC or got_dim != dim:
-        raise FormatError(f"{path}: not an undo file of a {dim}-wide table")
+def key_undo_path(root: Path, version: int, table: str) -> Path:
+    return serve_dir(root) / str(version) / (table + KEY_UNDO_SUFFIX)
+
+
+def _row_record(dim: int) -> np.dtype:
+    return np.dtype([("id", "<i8"), ("row", "<f4", (dim,))])
+
+
+def _unpack_count(data: bytes, path: Path, magic: bytes, dim: int) -> int | None:
+    got_magic, got_dim, _zero, count, inverse = _UNDO.unpack_from(data)
+    if got_magic != magic or got_dim != dim:
+        what = f"an undo file of a {dim}-wide table" if magic == UNDO_MAGIC else "a key undo file"
+        raise FormatError(f"{path}: not {what}")
     return count if count == ~inverse & MASK else None
 
 
-class UndoWriter:
-    """The writer's side of one table's undo file for the current version."""
+class _AppendFile:
+    """The writer's side of an undo file: records appended, then their count published
+    in the header (a reader reads no record the count does not cover)."""
 
-    def __init__(self, fs: FileSystem, path: Path, dim: int, rows: int) -> None:
-        self.fs, self.path, self.dim, self.rows = fs, path, dim, rows
-        self.record = 8 + 4 * dim
-        self.seen = np.zeros(rows, dtype=bool)  # ids recorded (calloc: pages on touch)
+    def __init__(self, fs: FileSystem, path: Path, magic: bytes, dim: int,
+                 record: np.dtype) -> None:
+        self.fs, self.path, self.magic, self.dim, self.record = fs, path, magic, dim, record
         self.count = 0
         self.fd: int | None = None
 
-    def adopt(self) -> None:
-        """A new writer takes over the undo file of a version a previous writer left:
-        the ids in it keep their recorded (older) values."""
+    def _adopt(self) -> np.ndarray | None:
+        """The records a previous writer left for this version (None: no file)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return
-        count = _unpack_count(data, self.path, self.dim) if len(data) >= HEADER else None
-        if count is None or HEADER + count * self.record > len(data):
+            return None
+        count = _unpack_count(data, self.path, self.magic, self.dim) \
+            if len(data) >= HEADER else None
+        if count is None or HEADER + count * self.record.itemsize > len(data):
             raise FormatError(f"{self.path}: undo file shorter than its count")
-        ids = np.frombuffer(data, np.int64, count, HEADER) if count and self.record == 8 \
-            else np.ndarray((count,), np.int64, data, HEADER, (self.record,))
-        self.seen[ids[ids < self.rows]] = True
         self.count = count
         self.fd = self.fs.open(self.path, os.O_WRONLY)
+        return np.frombuffer(data, self.record, count, HEADER)
 
-    def record_before(self, ids: np.ndarray, read: Any) -> None:
-        """Keep the current values of ``ids`` not recorded yet (``read(ids)`` gives them
-        as float32 rows), then publish them: all before the caller overwrites them."""
-        ids = np.unique(ids)
-        ids = ids[ids < self.rows]
-        new = ids[~self.seen[ids]]
-        if not len(new):
-            return
-        values = np.ascontiguousarray(read(new), dtype=np.float32)
-        buf = np.empty(len(new), dtype=[("id", "<i8"), ("row", "<f4", (self.dim,))])
-        buf["id"], buf["row"] = new, values
+    def _append(self, records: np.ndarray) -> None:
         if self.fd is None:
             self.fd = self.fs.create(self.path)
             self._publish(0)
-        self.fs.pwrite_all(self.fd, buf.tobytes(), HEADER + self.count * self.record)
-        self._publish(self.count + len(new))
-        self.seen[new] = True
+        self.fs.pwrite_all(self.fd, records.tobytes(), HEADER + self.count * self.record.itemsize)
+        self._publish(self.count + len(records))
 
     def _publish(self, count: int) -> None:
         assert self.fd is not None
-        header = _UNDO.pack(UNDO_MAGIC, self.dim, 0, count, ~count & MASK).ljust(HEADER, b"\0")
+        header = _UNDO.pack(self.magic, self.dim, 0, count, ~count & MASK).ljust(HEADER, b"\0")
         self.fs.pwrite_all(self.fd, header, 0)
         self.count = count
 
@@ -176,15 +185,104 @@ class UndoWriter:
             self.fd = None
 
 
-class UndoReader:
+class UndoWriter(_AppendFile):
+    """The writer's side of one table's undo file for the current version."""
+
+    def __init__(self, fs: FileSystem, path: Path, dim: int, rows: int) -> None:
+        super().__init__(fs, path, UNDO_MAGIC, dim, _row_record(dim))
+        self.rows = rows
+        self.seen = np.zeros(rows, dtype=bool)  # ids recorded (calloc: pages on touch)
+
+    def adopt(self) -> None:
+        """A new writer takes over the undo file of a version a previous writer left:
+        the ids in it keep their recorded (older) values."""
+        records = self._adopt()
+        if records is not None:
+            ids = records["id"]
+            self.seen[ids[(ids >= 0) & (ids < self.rows)]] = True
+
+    def record_before(self, ids: np.ndarray, read: Any) -> None:
+        """Keep the current values of ``ids`` not recorded yet (``read(ids)`` gives them
+        as float32 rows), then publish them: all before the caller overwrites them."""
+        ids = np.unique(ids)
+        ids = ids[ids < self.rows]
+        new = ids[~self.seen[ids]]
+        if not len(new):
+            return
+        buf = np.empty(len(new), dtype=self.record)
+        buf["id"], buf["row"] = new, np.asarray(read(new), dtype=np.float32)
+        self._append(buf)
+        self.seen[new] = True
+
+
+class KeyUndoWriter(_AppendFile):
+    """The writer's side of one keyed table's key undo file for the current version."""
+
+    def __init__(self, fs: FileSystem, path: Path) -> None:
+        super().__init__(fs, path, KEY_UNDO_MAGIC, 0, KEY_RECORD)
+        self.seen: set[int] = set()  # keys recorded: the first change since v counts
+
+    def adopt(self) -> None:
+        records = self._adopt()
+        if records is not None:
+            self.seen.update(records["key"].tolist())
+
+    def record_before(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Keep ``rows`` (the row of each key now, -1: none) for the keys not recorded
+        yet, and publish them: before the key index changes their mapping."""
+        keys, first = np.unique(keys, return_index=True)
+        fresh = np.fromiter((k not in self.seen for k in keys.tolist()), bool, len(keys))
+        if not fresh.any():
+            return
+        buf = np.empty(int(fresh.sum()), dtype=self.record)
+        buf["key"], buf["row"] = keys[fresh], rows[first[fresh]]
+        self._append(buf)
+        self.seen.update(buf["key"].tolist())
+
+
+class _AppendReader:
+    """A reader's view of an undo file: the records published since the last read."""
+
+    def __init__(self, path: Path, magic: bytes, dim: int, record: np.dtype) -> None:
+        self.path, self.magic, self.dim, self.record = path, magic, dim, record
+        self.fd: int | None = None
+        self.count = 0
+
+    def _read_new(self) -> np.ndarray | None:
+        """Records published since the last call (None: none; the file may not exist)."""
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+        header = os.pread(self.fd, HEADER, 0)
+        if len(header) < HEADER:
+            return None  # created, header not written yet: nothing published
+        count = _unpack_count(header, self.path, self.magic, self.dim)
+        if count is None or count <= self.count:
+            return None
+        size = self.record.itemsize
+        data = os.pread(self.fd, (count - self.count) * size, HEADER + self.count * size)
+        if len(data) != (count - self.count) * size:
+            raise FormatError(f"{self.path}: undo records shorter than the published count")
+        return np.frombuffer(data, dtype=self.record)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class UndoReader(_AppendReader):
     """A reader's view of one table's undo file: the version-v value of every row the
     writer changed since v, read incrementally (only new records per batch)."""
 
     def __init__(self, path: Path, dim: int, rows: int) -> None:
-        self.path, self.dim, self.rows = path, dim, rows
-        self.record = 8 + 4 * dim
-        self.fd: int | None = None
-        self.count = 0
+        super().__init__(path, UNDO_MAGIC, dim, _row_record(dim))
+        self.rows = rows
         # row id -> 1 + index in values (0: unchanged); zeros from calloc, so only the
         # pages of changed ids take memory, and a lookup is one vectorised take
         self.pos: np.ndarray | None = None
@@ -192,23 +290,10 @@ class UndoReader:
 
     def refresh(self) -> None:
         """Read records published since the last call (the file may not exist yet)."""
-        if self.fd is None:
-            try:
-                self.fd = os.open(self.path, os.O_RDONLY)
-            except FileNotFoundError:
-                return
-        header = os.pread(self.fd, HEADER, 0)
-        if len(header) < HEADER:
-            return  # created, header not written yet: nothing published
-        count = _unpack_count(header, self.path, self.dim)
-        if count is None or count <= self.count:
+        recs = self._read_new()
+        if recs is None:
             return
-        data = os.pread(self.fd, (count - self.count) * self.record,
-                        HEADER + self.count * self.record)
-        if len(data) != (count - self.count) * self.record:
-            raise FormatError(f"{self.path}: undo records shorter than the published count")
-        recs = np.frombuffer(data, dtype=[("id", "<i8"), ("row", "<f4", (self.dim,))])
-        ids = recs["id"]
+        ids, count = recs["id"], self.count + len(recs)
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
             raise FormatError(f"{self.path}: a row id outside the version's {self.rows} rows")
         if self.pos is None:
@@ -231,13 +316,42 @@ class UndoReader:
         if len(hit):
             flat[hit] = self.values[where[hit] - 1]
 
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
-    def __del__(self) -> None:
-        self.close()
+class KeyUndoReader(_AppendReader):
+    """A reader's view of one keyed table's key undo file: the version-v row of every
+    key whose mapping changed since v. Kept as sorted runs merged like an LSM tree (a run
+    merges into the one before it once that is at most twice its size), so a refresh
+    sorts only the new records and a lookup is a few binary searches."""
+
+    def __init__(self, path: Path, rows: int) -> None:
+        super().__init__(path, KEY_UNDO_MAGIC, 0, KEY_RECORD)
+        self.rows = rows
+        self.runs: list[np.ndarray] = []  # each sorted by key; no key in two runs
+
+    def refresh(self) -> None:
+        recs = self._read_new()
+        if recs is None:
+            return
+        rows = recs["row"]
+        if len(rows) and (int(rows.min()) < -1 or int(rows.max()) >= self.rows):
+            raise FormatError(f"{self.path}: a row outside the version's {self.rows} rows")
+        self.runs.append(np.sort(recs, order="key"))
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last = self.runs.pop()
+            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), order="key")
+        self.count += len(recs)
+
+    def patch(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Replace ``rows`` (the index's rows of flat ``keys``) with the version-v row of
+        every key recorded here; returns which keys were recorded."""
+        recorded = np.zeros(len(keys), bool)
+        for run in self.runs:
+            at = np.searchsorted(run["key"], keys)
+            np.minimum(at, len(run) - 1, out=at)
+            hit = run["key"][at] == keys
+            rows[hit] = run["row"][at[hit]]
+            recorded |= hit
+        return recorded
 
 
 def check_ids_at(ids: np.ndarray, rows: int, table: str) -> None:

@@ -4,6 +4,7 @@ writer trains on in place; a writer that dies leaves its readers on their versio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -17,7 +18,9 @@ import embstore
 from embstore.errors import (
     IdOutOfRangeError,
     InvalidArgumentError,
+    DTypeError,
     TableNotFoundError,
+    UnknownKeyError,
     VersionsNotServedError,
 )
 
@@ -104,10 +107,88 @@ def test_bad_lookups_are_typed_errors(served, tmp_path):
         reader.lookup({"a": [-1]})
     writer.create_table("k", 2, key_type="int64")
     writer.checkpoint()
-    with pytest.raises(InvalidArgumentError, match="keyed"):
-        reader.lookup({"k": [0]})
+    with pytest.raises(DTypeError):
+        reader.lookup({"k": [b"x"]})
     with pytest.raises(InvalidArgumentError, match="serve_versions"):
         embstore.create(tmp_path / "x", serve_versions="yes")
+
+
+def keyed_store(path: Path, key_type: str, missing: str):
+    """A writer publishing versions with keyed table "k" holding keys 1, 2, 3 (rows of
+    1.0, 2.0, 3.0), checkpointed: version 1 is that."""
+    writer = embstore.create(path, serve_versions=True)
+    writer.create_table("k", 4, key_type=key_type, missing=missing, chunk_rows=8)
+    writer["k"].insert(KEYS[key_type][:3], np.repeat([[1.0], [2.0], [3.0]], 4, 1).astype("f4"))
+    writer.checkpoint()
+    return writer
+
+
+KEYS = {"int64": [1, 2, 3, 4, 5], "bytes": [b"one", b"two", b"three", b"four", b"five"]}
+
+
+@contextlib.contextmanager
+def keyed_served(path: Path, key_type: str = "int64", missing: str = "raise",
+                 cache_bytes: int = 0):
+    """(writer, reader) of ``keyed_store``, both closed after."""
+    writer = keyed_store(path, key_type, missing)
+    reader = embstore.open(path, cache_bytes=cache_bytes)
+    try:
+        yield writer, reader
+    finally:
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("key_type", ["int64", "bytes"])
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+def test_keyed_tables_are_served_as_of_the_version_through_inserts_deletes_and_reuse(
+        tmp_path, key_type, cache_bytes):
+    k1, k2, k3, k4, k5 = KEYS[key_type]
+    with keyed_served(tmp_path / "store", key_type, "zeros", cache_bytes) as (writer, reader):
+        assert reader.lookup({"k": [k1, k2, k3, k4]})["k"][:, 0].tolist() == [1, 2, 3, 0]
+        writer["k"].update([k1], full(1, 4, 10.0))      # a value changes
+        writer["k"].delete([k2])                        # a key goes: its row is freed
+        writer["k"].insert([k4, k5], full(2, 4, 40.0))  # new keys: one takes k2's row
+        assert writer["k"].num_keys == 4 and writer["k"].num_rows == 4
+        # not checkpointed: every key reads as at version 1 (k2 still there with its
+        # value although its row now holds k4 or k5; k4 and k5 unknown, read as zeros)
+        got = reader.lookup({"k": [k5, k4, k3, k2, k1, k2]})["k"][:, 0]
+        assert got.tolist() == [0, 0, 3, 2, 1, 2], got
+        writer.checkpoint()
+        got = reader.lookup({"k": [k5, k4, k3, k2, k1]})["k"][:, 0]
+        assert got.tolist() == [40, 40, 3, 0, 10], got
+        # deleted and inserted again within one version: the version's row is kept
+        writer["k"].delete([k3])
+        writer["k"].insert([k3], full(1, 4, 30.0))
+        assert reader.lookup({"k": [k3]})["k"][:, 0].tolist() == [3]
+        writer.checkpoint()
+        assert reader.lookup({"k": [k3, k2]})["k"][:, 0].tolist() == [30, 0]
+        # the newest rows through the plain read view, for contrast
+        assert (reader["k"].gather([k1]) == 10).all()
+
+
+def test_a_keyed_tables_unknown_key_raises_only_if_unknown_at_the_version_served(tmp_path):
+    with keyed_served(tmp_path / "store") as (writer, reader):
+        served = reader.follower().published()
+        writer["k"].insert([4], full(1, 4, 4.0))
+        with pytest.raises(UnknownKeyError, match=f"at version {served},"):
+            reader.lookup({"k": [4]})  # inserted after the version served
+        writer["k"].delete([1])
+        assert reader.lookup({"k": [1]})["k"][0, 0] == 1  # deleted after it: still there
+        writer.checkpoint()
+        assert reader.lookup({"k": [4]})["k"][0, 0] == 4
+        with pytest.raises(UnknownKeyError):
+            reader.lookup({"k": [1]})
+
+
+def test_a_reader_whose_index_lags_finds_keys_inserted_before_the_version(tmp_path):
+    with keyed_served(tmp_path / "store") as (writer, reader):
+        assert reader.lookup({"k": [1]})["k"][0, 0] == 1  # the reader's index is built
+        writer["k"].delete([2])
+        writer["k"].insert([7, 8], full(2, 4, 7.0))  # 7 reuses key 2's row
+        writer.checkpoint()
+        got = reader.lookup({"k": [7, 8, 3]})["k"][:, 0]
+        assert got.tolist() == [7, 7, 3]
 
 
 def test_a_store_without_versions_says_how_to_get_them(store_factory, tmp_path):
@@ -143,6 +224,28 @@ def test_readers_keep_their_version_through_a_writer_crash_and_move_after_recove
     reader.close()
 
 
+def test_a_keyed_tables_version_survives_a_writer_crash_mid_version(tmp_path):
+    path = tmp_path / "store"
+    keyed_store(path, "int64", "zeros").close()
+    reader = embstore.open(path)
+    assert reader.lookup({"k": [2, 4]})["k"][:, 0].tolist() == [2, 0]
+    code = textwrap.dedent(f"""
+        import os, numpy as np, embstore
+        s = embstore.open({str(path)!r}, "r+", serve_versions=True)
+        s["k"].delete([2])
+        s["k"].insert([4], np.full((1, 4), 9, np.float32))  # takes key 2's row
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert reader.lookup({"k": [2, 4]})["k"][:, 0].tolist() == [2, 0]
+    with embstore.open(path, "r+", serve_versions=True) as writer:  # recovery publishes
+        assert reader.lookup({"k": [2, 4]})["k"][:, 0].tolist() == [0, 9]
+        writer["k"].delete([4])
+        assert reader.lookup({"k": [2, 4]})["k"][:, 0].tolist() == [0, 9]
+    reader.close()
+
+
 def race(batches: int, readers: int = 2) -> dict:
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "serve_race.py"), "--batches",
                           str(batches), "--readers", str(readers), "--json"],
@@ -155,14 +258,16 @@ def race(batches: int, readers: int = 2) -> dict:
 def test_reader_processes_switching_versions_while_the_writer_trains_see_no_mix():
     got = race(2000)
     assert got["batches"] == 4000 and got["versions"] > 2, got
-    assert (got["mixed"], got["torn"], got["backwards"], got["writer_exit"]) == (0, 0, 0, 0)
+    assert (got["mixed"], got["torn"], got["backwards"], got["errors"], got["readers_lost"],
+            got["writer_exit"]) == (0, 0, 0, 0, 0, 0), got
 
 
 @pytest.mark.slow
 def test_a_million_batches_switching_versions_see_no_mix():
     got = race(500_000)
     assert got["batches"] == 1_000_000, got
-    assert (got["mixed"], got["torn"], got["backwards"], got["writer_exit"]) == (0, 0, 0, 0)
+    assert (got["mixed"], got["torn"], got["backwards"], got["errors"], got["readers_lost"],
+            got["writer_exit"]) == (0, 0, 0, 0, 0, 0), got
 
 
 # --- switching to another store directory (a release, a restored snapshot) -----------

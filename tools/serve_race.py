@@ -5,12 +5,15 @@
 
 The writer makes commits 1, 2, ...: commit k sets a random (seeded by k) set of rows of
 tables "a" and "b" to the value k in every column, and row 0 of both (the clock) to k;
-it checkpoints every --every commits, which publishes a version. Readers
-(``Store.lookup``, hot-row cache on) gather random ids of both tables in one batch and
-check it: every row has all columns equal (else *torn*); the clocks of a and b agree and
-every row equals its value after commit ``clock``, recomputed from the seeds (else
-*mixed*); the clock never goes back. Prints the counts; exit status 1 if any batch was
-mixed or torn.
+in keyed table "c" it deletes a random set of keys, then sets another to k (inserting
+the unknown ones, which take freed rows first); it checkpoints every --every commits,
+which publishes a version. Readers (``Store.lookup``, hot-row cache on) gather random ids
+of a and b and random keys of c in one batch and check it: every row has all columns
+equal (else *torn*); the clocks of a and b agree and every row and key equals its value
+after commit ``clock``, recomputed from the seeds (0 for a key not in c then) (else
+*mixed*); the clock never goes back; a lookup that raises is an *error* (a version
+that lost rows or keys it had). Prints the counts; exit status 1 if any batch was
+mixed, torn or an error.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 
 ROWS, DIM, TOUCH, BATCH = 4096, 8, 64, 64
+KEYS = 2 * ROWS  # c's key space; keys 0..ROWS-1 start in it with the value -1
 
 
 def touched(k: int, rows: int = ROWS, touch: int = TOUCH) -> tuple[np.ndarray, np.ndarray]:
@@ -36,16 +41,25 @@ def touched(k: int, rows: int = ROWS, touch: int = TOUCH) -> tuple[np.ndarray, n
     return a, b
 
 
+def keyed(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys commit k deletes from c, and keys it then sets to k."""
+    rng = np.random.default_rng(10**9 + k)
+    return rng.integers(0, KEYS, TOUCH // 4), rng.integers(0, KEYS, TOUCH // 2)
+
+
 def writer(path: str, stop: "mp.synchronize.Event", every: int, commits: "mp.Value") -> None:
     import embstore
     with embstore.open(path, "r+", serve_versions=True) as store:
-        a, b = store["a"], store["b"]
+        a, b, c = store["a"], store["b"], store["c"]
         k = 0
         while not stop.is_set():
             k += 1
             ia, ib = touched(k)
             a.update(ia, np.full((len(ia), DIM), k, np.float32))
             b.update(ib, np.full((len(ib), DIM), k, np.float32))
+            gone, put = keyed(k)
+            c.delete(gone)
+            c.update(put, np.full((len(put), DIM), k, np.float32))
             if k % every == 0:
                 store.checkpoint()
             commits.value = k
@@ -58,19 +72,25 @@ class Oracle:
         self.clock = 0
         self.a = np.zeros(ROWS, np.float32)
         self.b = np.zeros(ROWS, np.float32)
+        self.c = np.zeros(KEYS, np.float32)  # 0: not a key (read as zeros)
+        self.c[:ROWS] = -1
 
-    def at(self, clock: int) -> tuple[np.ndarray, np.ndarray]:
+    def at(self, clock: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         while self.clock < clock:
             self.clock += 1
             ia, ib = touched(self.clock)
             self.a[ia] = self.clock
             self.b[ib] = self.clock
-        return self.a, self.b
+            gone, put = keyed(self.clock)
+            self.c[gone] = 0
+            self.c[put] = self.clock
+        return self.a, self.b, self.c
 
 
 def reader(path: str, batches: int, seed: int, queue: "mp.Queue") -> None:
     import embstore
-    counts = {"batches": 0, "mixed": 0, "torn": 0, "backwards": 0, "versions": 0}
+    from embstore.errors import EmbstoreError
+    counts = {"batches": 0, "mixed": 0, "torn": 0, "backwards": 0, "errors": 0, "versions": 0}
     rng = np.random.default_rng(seed)
     oracle = Oracle()
     last_clock, last_version = -1, -1
@@ -79,13 +99,21 @@ def reader(path: str, batches: int, seed: int, queue: "mp.Queue") -> None:
         for _ in range(batches):
             ids_a = np.concatenate([[0], rng.integers(0, ROWS, BATCH - 1)])
             ids_b = np.concatenate([[0], rng.integers(0, ROWS, BATCH - 1)])
-            version, rows = follower.lookup({"a": ids_a, "b": ids_b})
-            ra, rb = rows["a"], rows["b"]
+            keys_c = rng.integers(0, KEYS, BATCH)
             counts["batches"] += 1
+            try:
+                version, rows = follower.lookup({"a": ids_a, "b": ids_b, "c": keys_c})
+            except EmbstoreError as exc:
+                counts["errors"] += 1
+                if counts["errors"] <= 3:
+                    print(f"reader {seed}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            ra, rb, rc = rows["a"], rows["b"], rows["c"]
             if version != last_version:
                 counts["versions"] += 1
                 last_version = version
-            if not ((ra == ra[:, :1]).all() and (rb == rb[:, :1]).all()):
+            if not ((ra == ra[:, :1]).all() and (rb == rb[:, :1]).all()
+                    and (rc == rc[:, :1]).all()):
                 counts["torn"] += 1
                 continue
             clock = int(ra[0, 0])
@@ -95,9 +123,10 @@ def reader(path: str, batches: int, seed: int, queue: "mp.Queue") -> None:
             if clock < oracle.clock:  # cannot go back: count it, check no further
                 counts["mixed"] += 1
                 continue
-            want_a, want_b = oracle.at(clock)
+            want_a, want_b, want_c = oracle.at(clock)
             if rb[0, 0] != clock or not (np.array_equal(ra[:, 0], want_a[ids_a])
-                                         and np.array_equal(rb[:, 0], want_b[ids_b])):
+                                         and np.array_equal(rb[:, 0], want_b[ids_b])
+                                         and np.array_equal(rc[:, 0], want_c[keys_c])):
                 counts["mixed"] += 1
     queue.put(counts)
 
@@ -108,6 +137,8 @@ def run(path: Path, batches: int, readers: int, every: int) -> dict[str, int]:
                          checkpoint_seconds=1e9) as store:
         store.create_table("a", DIM, rows=ROWS)
         store.create_table("b", DIM, rows=ROWS)
+        store.create_table("c", DIM, key_type="int64", missing="zeros")
+        store["c"].insert(np.arange(ROWS), np.full((ROWS, DIM), -1, np.float32))
     ctx = mp.get_context("spawn")
     stop, commits, queue = ctx.Event(), ctx.Value("q", 0), ctx.Queue()
     w = ctx.Process(target=writer, args=(str(path), stop, every, commits))
@@ -119,12 +150,23 @@ def run(path: Path, batches: int, readers: int, every: int) -> dict[str, int]:
              for seed in range(readers)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=max(600, batches / 100)) for _ in procs]
+    results: list[dict[str, int]] = []
+    deadline = time.monotonic() + max(600, batches / 100)
+    while len(results) < len(procs) and time.monotonic() < deadline:
+        try:
+            results.append(queue.get(timeout=1))
+        except Empty:
+            if not any(p.is_alive() for p in procs) and queue.empty():
+                break  # a reader died without reporting
     for p in procs:
         p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
     stop.set()
     w.join(timeout=60)
-    total = {k: sum(r[k] for r in results) for k in results[0]}
+    keys = ("batches", "mixed", "torn", "backwards", "errors", "versions")
+    total = {k: sum(r[k] for r in results) for k in keys}
+    total["readers_lost"] = len(procs) - len(results)
     total["commits"] = int(commits.value)
     total["writer_exit"] = w.exitcode if w.exitcode is not None else -1
     return total
@@ -145,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         total["seconds"] = round(time.monotonic() - start, 1)
     print(json.dumps(total) if args.json else
           " ".join(f"{k}={v}" for k, v in total.items()))
-    bad = total["mixed"] or total["torn"] or total["backwards"] or total["writer_exit"]
+    bad = total["mixed"] or total["torn"] or total["backwards"] or total["errors"] \
+        or total["readers_lost"] or total["writer_exit"]
     return 1 if bad else 0
 
 

@@ -191,8 +191,9 @@ class Writer:
     def _apply_one(self, table: Table, entry: Entry, lsn: int, end: int,
                    keep: np.ndarray | None = None) -> None:
         """Apply one entry (``keep``: recovery's mask of the rows it writes)."""
-        if self.versions is not None:  # the old values are kept before they go
+        if self.versions is not None:  # the old values (and keys' rows) are kept first
             self.versions.before_apply(table, entry.rows if keep is None else entry.rows[keep])
+            self.versions.before_keys(table, entry)
         apply_entry(table, entry, lsn, self.dirty, self._row_limit(table, entry), end, keep)
 
     def _row_limit(self, table: Table, entry: Entry) -> int:

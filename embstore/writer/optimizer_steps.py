@@ -104,7 +104,7 @@ def apply_gradients(writer: Writer, table: Table, ids: Any, grads: Any, optimize
             if (~is_new).any():
                 current[~is_new] = table.gather_rows(uniq[~is_new])
             # new_rows ascend with the keys' rank, so a row's position there names its key
-            current[is_new] = table._initial_rows(new_keys[np.searchsorted(new_rows, uniq[is_new])])
+            current[is_new] = table.initial_rows(new_keys[np.searchsorted(new_rows, uniq[is_new])])
         slot_values = {s: read_slot(t, uniq) for s, t in slots.items()}
         opt.apply(current, slot_values, summed, step)
         entries = entries_of(table, uniq, current, is_new, key_info, step)

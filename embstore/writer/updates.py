@@ -173,7 +173,7 @@ def insert_initial(writer: Writer, table: Table, keys: Any) -> int:
             new_keys: Any = [k for k, u in zip(flat, unknown) if u]
         else:
             new_keys = np.asarray(keys).reshape(-1)[unknown]
-        return update(writer, table, new_keys, table._initial_rows(int_keys[unknown]))
+        return update(writer, table, new_keys, table.initial_rows(int_keys[unknown]))
 
 
 def insert(writer: Writer, table: Table, keys: Any, rows: Any, nan: str) -> int:

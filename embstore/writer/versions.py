@@ -6,6 +6,10 @@ Only user tables are kept (readers never serve optimizer slot tables). A writer 
 opens a store whose previous writer published a version adopts it: rows recorded in its
 undo files keep their recorded values, and what recovery replays is recorded like any
 commit, so readers of that version go on reading it through a crash of the writer.
+
+Keyed tables also get a key undo file: before a commit inserts or deletes keys, the row
+each of them had at the current version (-1: none) is kept, so a reader of that version
+maps its keys to the rows they had then.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ import numpy as np
 
 from embstore.catalog import Catalog, is_slot_table
 from embstore.fs import FileSystem
+from embstore.log.payload import Entry
 from embstore.table import Table
 from embstore.versions import (
     KEEP,
     ROWS_NAME,
     VERSION_NAME,
+    KeyUndoWriter,
     UndoWriter,
+    key_undo_path,
     pack_version,
     read_rows,
     read_version,
@@ -40,6 +47,7 @@ class VersionKeeper:
         self.version = 0
         self.rows: dict[str, int] = {}
         self.undo: dict[str, UndoWriter] = {}
+        self.key_undo: dict[str, KeyUndoWriter] = {}
         self._fd: int | None = None  # VERSION, rewritten in place
 
     def start(self, lsn: int) -> None:
@@ -54,14 +62,19 @@ class VersionKeeper:
         self.version, self.rows = published[0], rows
         for name, count in rows.items():
             if name in self.catalog.manifest:
-                writer = self._undo_writer(name, count)
-                writer.adopt()
+                self._undo_writer(name, count).adopt()
+                keys = self.key_undo.get(name)
+                if keys is not None:
+                    keys.adopt()
         self._fd = self.fs.open(serve_dir(self.root) / VERSION_NAME, os.O_WRONLY)
 
     def _undo_writer(self, name: str, count: int) -> UndoWriter:
         meta = self.catalog.manifest.meta(name)
         writer = self.undo[name] = UndoWriter(self.fs, undo_path(self.root, self.version, name),
                                               meta.dim, count)
+        if meta.key_type is not None:
+            self.key_undo[name] = KeyUndoWriter(self.fs,
+                                                key_undo_path(self.root, self.version, name))
         return writer
 
     def before_apply(self, table: Table, rows: np.ndarray) -> None:
@@ -70,9 +83,25 @@ class VersionKeeper:
         if writer is not None and len(rows):
             writer.record_before(rows, table.gather_rows)
 
+    def before_keys(self, table: Table, entry: Entry) -> None:
+        """Record the version's rows of the keys ``entry`` is about to insert or delete
+        (a key already where the entry puts it, or a deleted key unknown, changes
+        nothing). The index's int64 form, as readers look keys up."""
+        writer = self.key_undo.get(table.name)
+        keys = entry.index_keys
+        if writer is None or keys is None or table._index is None:
+            return
+        index = table._index
+        k = index.to_int64(keys).reshape(-1)
+        rows = index.lookup(k)
+        change = rows >= 0 if entry.deleted else rows < 0
+        if change.any():
+            writer.record_before(k[change], rows[change])
+
     def changed(self) -> bool:
         now = {n: self.catalog.manifest.meta(n).num_rows for n in self.catalog.user_tables()}
-        return now != self.rows or any(w.count for w in self.undo.values())
+        return now != self.rows or any(w.count for w in self.undo.values()) \
+            or any(w.count for w in self.key_undo.values())
 
     def roll(self, lsn: int) -> None:
         """After a checkpoint: publish the store as it is now, if it differs from the
@@ -95,9 +124,8 @@ class VersionKeeper:
             self._fd = self.fs.open(serve_dir(self.root) / VERSION_NAME, os.O_WRONLY)
         else:  # in place: readers keep it mapped and look at it once per batch
             self.fs.pwrite_all(self._fd, pack_version(version, lsn), 0)
-        for writer in self.undo.values():
-            writer.close()
-        self.version, self.rows, self.undo = version, tables, {}
+        self._close_undo()
+        self.version, self.rows, self.undo, self.key_undo = version, tables, {}, {}
         for name, count in tables.items():
             self._undo_writer(name, count)
         self._remove_old()
@@ -110,9 +138,12 @@ class VersionKeeper:
                     and not entry.is_symlink():
                 self.fs.rmtree(entry)
 
-    def close(self) -> None:
-        for writer in self.undo.values():
+    def _close_undo(self) -> None:
+        for writer in [*self.undo.values(), *self.key_undo.values()]:
             writer.close()
+
+    def close(self) -> None:
+        self._close_undo()
         if self._fd is not None:
             self.fs.close(self._fd)
             self._fd = None
