@@ -1,5 +1,6 @@
 """A SavedModel served with ``etf.load(..., follow=True)``: each call reads every table
-from one checkpoint of the writer; a call a new checkpoint overtook runs again."""
+from one checkpoint of the writer; a call a new checkpoint overtook runs again. Graphs of
+the PyFunc path and of the native op alike; keyed tables too."""
 
 from __future__ import annotations
 
@@ -10,18 +11,25 @@ tf = pytest.importorskip("tensorflow")
 
 import embstore  # noqa: E402
 import embstore.tensorflow as etf  # noqa: E402
-from embstore.errors import InvalidArgumentError  # noqa: E402
 from embstore.follow import Follower  # noqa: E402
 from embstore.tensorflow import _native_op  # noqa: E402
 
 
-@pytest.fixture
-def pyfunc_only():
+@pytest.fixture(params=["pyfunc", "native"])
+def op_path(request):
+    """Graphs built (and served) through the PyFunc path, or through the native op."""
+    native = request.param == "native"
+    if native and _native_op.load() is None:
+        pytest.skip(f"native op {_native_op.status()}")
     was = _native_op._state["enabled"]
-    _native_op.set_enabled(False)
-    yield
+    _native_op.set_enabled(native)
+    yield request.param
     _native_op.set_enabled(was)
     etf.close_stores()
+
+
+def uses_native_op(where) -> bool:
+    return bool(etf.saving._scan(where)[1])
 
 
 def export(path, where) -> None:
@@ -35,13 +43,14 @@ def export(path, where) -> None:
 
 
 @pytest.fixture
-def served(tmp_path, pyfunc_only):
+def served(tmp_path, op_path):
     path = tmp_path / "store"
     writer = embstore.create(path, serve_versions=True)
     writer.create_table("a", 2, rows=8)
     writer.create_table("b", 2, rows=8)
     writer.checkpoint()
     export(path, tmp_path / "model")
+    assert uses_native_op(tmp_path / "model") == (op_path == "native")
     model = etf.load(tmp_path / "model", follow=True)
     yield writer, model
     writer.close()
@@ -58,14 +67,17 @@ def test_a_followed_model_serves_the_last_checkpoint(served):
     assert model.versions == [writer._writer.versions.version]
 
 
-def test_a_call_overtaken_by_a_checkpoint_runs_again_from_the_new_version(served,
+def test_a_call_overtaken_by_a_checkpoint_runs_again_from_the_new_version(served, op_path,
                                                                          monkeypatch):
     writer, model = served
-    real = Follower.gather
+    # the PyFunc path serves a table through Follower.gather, the native op gathers
+    # itself and calls Follower.patch
+    method = "gather" if op_path == "pyfunc" else "patch"
+    real = getattr(Follower, method)
     calls = []
 
-    def gather_then_train(self, name, ids):
-        rows = real(self, name, ids)
+    def read_then_train(self, name, *args):
+        rows = real(self, name, *args)
         calls.append(name)
         if len(calls) == 1:  # after table a was read, before b: a new version appears
             writer["a"].update([1], np.full((1, 2), 7, np.float32))
@@ -73,25 +85,42 @@ def test_a_call_overtaken_by_a_checkpoint_runs_again_from_the_new_version(served
             writer.checkpoint()
         return rows
 
-    monkeypatch.setattr(Follower, "gather", gather_then_train)
+    monkeypatch.setattr(Follower, method, read_then_train)
     got = model.serve(tf.constant([1], tf.int64)).numpy()
     assert (got == 7).all()  # a and b both from the new version, not 0 and 7
     assert len(calls) == 4
 
 
-def test_follow_refuses_a_graph_of_the_native_op(tmp_path):
-    if _native_op.load() is None:
-        pytest.skip(f"native op {_native_op.status()}")
-    was = _native_op._state["enabled"]
-    _native_op.set_enabled(True)
+def test_a_followed_native_graph_reports_ids_beyond_the_version(served, op_path):
+    writer, model = served
+    writer["a"].append(np.full((2, 2), 3, np.float32))
+    writer["b"].append(np.full((2, 2), 3, np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="IdOutOfRangeError"):
+        model.serve(tf.constant([9], tf.int64))  # row 9 is newer than the version served
+    writer.checkpoint()
+    assert (model.serve(tf.constant([9], tf.int64)).numpy() == 3).all()
+
+
+def test_keyed_tables_are_served_by_version_in_a_saved_model(tmp_path, op_path):
+    path = tmp_path / "store"
+    writer = embstore.create(path, serve_versions=True)
+    writer.create_table("k", 2, key_type="int64", missing="zeros")
+    writer["k"].insert([10, 20], np.array([[1, 1], [2, 2]], np.float32))
+    writer.checkpoint()
+
+    class Keyed(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+        def serve(self, keys):
+            return etf.gather(str(path), keys, table="k")
+
+    tf.saved_model.save(Keyed(), str(tmp_path / "model"))
+    model = etf.load(tmp_path / "model", follow=True)
     try:
-        path = tmp_path / "store"
-        with embstore.create(path, serve_versions=True) as w:
-            w.create_table("a", 2, rows=8)
-            w.create_table("b", 2, rows=8)
-        export(path, tmp_path / "model")
-        with pytest.raises(InvalidArgumentError, match="EMBSTORE_TF_NATIVE=0"):
-            etf.load(tmp_path / "model", follow=True)
+        keys = tf.constant([10, 20, 30], tf.int64)
+        writer["k"].delete([20])
+        writer["k"].insert([30], np.full((1, 2), 3, np.float32))  # takes key 20's row
+        assert model.serve(keys).numpy()[:, 0].tolist() == [1, 2, 0]
+        writer.checkpoint()
+        assert model.serve(keys).numpy()[:, 0].tolist() == [1, 0, 3]
     finally:
-        _native_op.set_enabled(was)
-        etf.close_stores()
+        writer.close()

@@ -18,6 +18,12 @@
  * it, or returns embstore's error message. Python unbinds everything whenever the
  * process's reference resolution changes (set_store_path, register_store...).
  *
+ * A reference whose store is served by versions (embstore.tensorflow.load(follow=True))
+ * is bound with a patcher: after the kernel gathers the newest rows, it calls the
+ * patcher under the GIL with the ids and the output, and the patcher puts back the
+ * values of the version being served (embstore.follow.Follower.patch). The gather itself
+ * stays native; only the patch (a lookup in the version's undo records) is Python.
+ *
  * Reads are rows.c's, from the same code: rowsource.h (addressing, decoding
  * float32/float16/bfloat16/int8-with-scale to float32, the grouped seqlock gather that
  * never returns a torn row while a writer in any process updates it), and the RowSource
@@ -54,9 +60,11 @@ const float *F16Table() {
 }
 
 struct Binding {
-  PyObject *owner;  // strong reference to the RowSource
+  PyObject *owner;    // strong reference to the RowSource
+  PyObject *patcher;  // strong reference, or nullptr: rows are served as gathered
   const RowSource *src;
-  Binding(PyObject *o) : owner(o), src(reinterpret_cast<const RowSource *>(o)) {}
+  Binding(PyObject *o, PyObject *p)
+      : owner(o), patcher(p), src(reinterpret_cast<const RowSource *>(o)) {}
   ~Binding() {
     // The last reference may go on a TensorFlow thread: take the GIL to drop the
     // RowSource. Never called with g_mu held (see Bind/UnbindAll), so no lock-order
@@ -64,6 +72,7 @@ struct Binding {
     if (Py_IsInitialized()) {
       PyGILState_STATE g = PyGILState_Ensure();
       Py_DECREF(owner);
+      Py_XDECREF(patcher);
       PyGILState_Release(g);
     }
   }
@@ -81,6 +90,46 @@ std::shared_ptr<Binding> Find(const std::string &ref) {
   return it == g_bindings->end() ? nullptr : it->second;
 }
 
+/* The Python error raised by a call, as a status (and cleared). */
+absl::Status FetchError(const char *what) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject *text = value ? PyObject_Str(value) : nullptr;
+  const char *msg = text ? PyUnicode_AsUTF8(text) : nullptr;
+  absl::Status st = absl::InternalError(std::string(what) + (msg ? msg : "?"));
+  PyErr_Clear();
+  Py_XDECREF(text);
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(tb);
+  return st;
+}
+
+/* A call's result: None is OK, a str is embstore's error message. */
+absl::Status ResultStatus(PyObject *r, const char *what) {
+  if (r == nullptr) return FetchError(what);
+  absl::Status st = absl::OkStatus();
+  if (r != Py_None) {
+    const char *msg = PyUnicode_Check(r) ? PyUnicode_AsUTF8(r) : nullptr;
+    st = absl::InvalidArgumentError(msg ? msg : "embstore: lookup failed");
+    PyErr_Clear();
+  }
+  Py_DECREF(r);
+  return st;
+}
+
+/* Put the served version's values into `out` (rows of `ids`, gathered newest). */
+absl::Status CallPatcher(PyObject *patcher, const void *ids, bool ids64, int64_t n, float *out) {
+  if (!Py_IsInitialized()) return absl::FailedPreconditionError("embstore: Python is not running");
+  PyGILState_STATE g = PyGILState_Ensure();
+  PyObject *r = PyObject_CallFunction(patcher, "KiLK", (unsigned long long)(uintptr_t)ids,
+                                      ids64 ? 1 : 0, (long long)n,
+                                      (unsigned long long)(uintptr_t)out);
+  absl::Status st = ResultStatus(r, "embstore patcher failed: ");
+  PyGILState_Release(g);
+  return st;
+}
+
 /* Ask Python to resolve and bind `ref` (and, with has_bad, to check id `bad` after a
  * refresh). OK when bound; InvalidArgument with embstore's message otherwise. */
 absl::Status CallResolver(const std::string &ref, bool has_bad, int64_t bad) {
@@ -93,23 +142,7 @@ absl::Status CallResolver(const std::string &ref, bool has_bad, int64_t bad) {
   } else {
     PyObject *r = PyObject_CallFunction(g_resolver, "y#iL", ref.data(), (Py_ssize_t)ref.size(),
                                         has_bad ? 1 : 0, (long long)bad);
-    if (r == nullptr) {
-      PyObject *type, *value, *tb;
-      PyErr_Fetch(&type, &value, &tb);
-      PyObject *text = value ? PyObject_Str(value) : nullptr;
-      const char *msg = text ? PyUnicode_AsUTF8(text) : nullptr;
-      st = absl::InternalError(std::string("embstore resolver failed: ") + (msg ? msg : "?"));
-      PyErr_Clear();
-      Py_XDECREF(text);
-      Py_XDECREF(type);
-      Py_XDECREF(value);
-      Py_XDECREF(tb);
-    } else if (r != Py_None) {
-      const char *msg = PyUnicode_Check(r) ? PyUnicode_AsUTF8(r) : nullptr;
-      st = absl::InvalidArgumentError(msg ? msg : "embstore: lookup failed");
-      PyErr_Clear();
-    }
-    Py_XDECREF(r);
+    st = ResultStatus(r, "embstore resolver failed: ");
   }
   PyGILState_Release(g);
   return st;
@@ -166,6 +199,8 @@ class EmbstoreGatherOp : public tensorflow::OpKernel {
                   absl::UnavailableError(
                       "TornReadError: a row stayed locked by a writer; the writer probably "
                       "died mid-update: reopen the store for writing to recover it"));
+      if (b->patcher != nullptr && n > 0)
+        OP_REQUIRES_OK(ctx, CallPatcher(b->patcher, ids, sizeof(T) == 8, n, dst));
       return;
     }
     ctx->SetStatus(absl::InternalError("embstore: could not bind " + ref));
@@ -205,19 +240,22 @@ REGISTER_KERNEL_BUILDER(
 
 extern "C" {
 
-int embstore_tf_abi_version(void) { return 1; }
+int embstore_tf_abi_version(void) { return 2; }
 
 /* Bind `ref` to a RowSource after checking that the layout this op was compiled with
- * (rowsource.h) reads the geometry Python knows. Returns 0, or -1 on a mismatch (nothing
- * bound). */
+ * (rowsource.h) reads the geometry Python knows; `patcher`: None, or the callable that
+ * puts a served version's values into every gather. Returns 0, or -1 on a mismatch
+ * (nothing bound). */
 int embstore_tf_bind(const char *ref, Py_ssize_t len, PyObject *source, int dtype, int dim,
-                     Py_ssize_t stride, int shard_log2, int chunk_log2) {
+                     Py_ssize_t stride, int shard_log2, int chunk_log2, PyObject *patcher) {
   const auto *m = reinterpret_cast<const RowSource *>(source);
   if (m->dtype != dtype || m->dim != dim || m->stride != stride || m->shard_log2 != shard_log2 ||
       m->chunk_log2 != chunk_log2 || m->nshards < 0 || m->nshards > m->cap)
     return -1;
   Py_INCREF(source);
-  auto fresh = std::make_shared<Binding>(source);
+  PyObject *patch = patcher == Py_None ? nullptr : patcher;
+  Py_XINCREF(patch);
+  auto fresh = std::make_shared<Binding>(source, patch);
   std::shared_ptr<Binding> old;
   {
     std::unique_lock<std::shared_mutex> lock(g_mu);

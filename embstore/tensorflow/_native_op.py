@@ -24,12 +24,14 @@ import sys
 import sysconfig
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import tensorflow as tf
 
 from embstore import _rows
 from embstore.errors import EmbstoreError, IdOutOfRangeError
+from embstore.follow import Follower
 from embstore.format import DTYPE_CODES
 from embstore.table import Table
 from embstore.tensorflow import _registry
@@ -39,7 +41,7 @@ ENV_OPS_DIR = "EMBSTORE_TF_OPS_DIR"    # where built op libraries are cached
 SOURCE = Path(__file__).resolve().parent.parent / "_native" / "tf_ops.cc"
 HEADER = SOURCE.with_name("rowsource.h")  # the read path shared with rows.c
 OP_NAME = "EmbstoreGather"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"module": None, "lib": None, "error": None, "tried": False,
@@ -100,7 +102,8 @@ def load() -> Any:
             lib.embstore_tf_bind.restype = ctypes.c_int
             lib.embstore_tf_bind.argtypes = [ctypes.c_char_p, ctypes.c_ssize_t,
                                              ctypes.py_object, ctypes.c_int, ctypes.c_int,
-                                             ctypes.c_ssize_t, ctypes.c_int, ctypes.c_int]
+                                             ctypes.c_ssize_t, ctypes.c_int, ctypes.c_int,
+                                             ctypes.py_object]
             lib.embstore_tf_set_resolver.argtypes = [ctypes.py_object]
             lib.embstore_tf_bound_count.restype = ctypes.c_longlong
             if lib.embstore_tf_abi_version() != ABI_VERSION:
@@ -120,7 +123,7 @@ def _self_test(lib: Any) -> None:
     module built from different layouts disable the op before any read."""
     probe = _rows.RowSource(1, 24, 96, 10, 4)  # float32, dim 24, stride 96, 1024 rows/shard
     ref = b"\0embstore-self-test"
-    if lib.embstore_tf_bind(ref, len(ref), probe, 1, 24, 96, 10, 4) != 0:
+    if lib.embstore_tf_bind(ref, len(ref), probe, 1, 24, 96, 10, 4, None) != 0:
         raise RuntimeError("the native op's RowSource layout does not match embstore._rows")
     lib.embstore_tf_unbind_all()
 
@@ -156,10 +159,27 @@ def bind(ref: bytes, table: Table) -> bool:
     if lib is None or source is None or table.key_type is not None:
         return False
     meta = table._meta
+    following = _registry.follower_for(ref)
+    patcher = None if following is None else _patcher(*following, meta.dim)
     rc = lib.embstore_tf_bind(ref, len(ref), source, DTYPE_CODES[meta.dtype], meta.dim,
                               meta.stride, meta.rows_per_shard.bit_length() - 1,
-                              meta.chunk_rows.bit_length() - 1)
+                              meta.chunk_rows.bit_length() - 1, patcher)
     return rc == 0
+
+
+def _patcher(follower: Follower, name: str, dim: int) -> Callable[[int, int, int, int], str | None]:
+    """What the kernel calls (GIL held) after gathering the newest rows of a table whose
+    store is followed: the served version's values put back into its output."""
+    def patch(ids_at: int, ids64: int, n: int, out_at: int) -> str | None:
+        try:
+            id_type = ctypes.c_int64 if ids64 else ctypes.c_int32
+            ids = np.ctypeslib.as_array((id_type * n).from_address(ids_at))
+            out = np.ctypeslib.as_array((ctypes.c_float * (n * dim)).from_address(out_at))
+            follower.patch(name, ids, out.reshape(n, dim))
+            return None
+        except Exception as exc:  # never let an exception escape into the kernel
+            return f"{type(exc).__name__}: {exc}"
+    return patch
 
 
 def _resolve(ref: bytes, has_bad: int, bad: int) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-from embstore.errors import InvalidArgumentError, StoreNotFoundError, VersionChurnError
+from embstore.errors import StoreNotFoundError, VersionChurnError
 from embstore.follow import MAX_SWITCHES, Follower
 from embstore.tensorflow import _native_op, _registry
 from embstore.tensorflow.ops import APPLY_TOKEN, GATHER_TOKEN
@@ -74,15 +74,10 @@ def load(export_dir: str | os.PathLike, *, store_path: str | os.PathLike | None 
     ``serve_versions=True``): the model is returned wrapped so that each call (``model(x)``,
     ``model.serve(x)``, ``model.signatures[k](x)``) reads every table from one checkpoint
     of the writer, and moves to the newest checkpoint between calls (a call that a new
-    checkpoint overtook runs again). The graph must read through the PyFunc path (export
-    it with ``EMBSTORE_TF_NATIVE=0``, or from tables with a hot-row cache): the native
-    op reads the shards' newest rows."""
+    checkpoint overtook runs again). Graphs of the native op and of the PyFunc path both
+    serve versions: the native op gathers, then puts back the version's values of rows
+    the writer changed since (``Follower.patch``)."""
     refs, natives = _scan(export_dir)
-    if follow and natives:
-        raise InvalidArgumentError(
-            f"the SavedModel at {export_dir} reads through the native {_native_op.OP_NAME} "
-            "op, which serves the newest rows, not a version: export it with "
-            f"{_native_op.ENV_NATIVE}=0 to serve it with follow=True")
     if natives and _native_op.load() is None:
         raise RuntimeError(
             f"the SavedModel at {export_dir} uses the native {_native_op.OP_NAME} op, which "
