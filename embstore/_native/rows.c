@@ -693,6 +693,100 @@ static void fill_pending(RowCache *c, const es_view *v, const Deferred *later, P
     pthread_mutex_unlock(&c->lock);
 }
 
+/* The locked pass of a gather: every id's hit is decoded into out, every miss takes its
+ * slot (pending) and is listed in `later`, as is a hit on a pending slot. Returns how many
+ * were listed. Specialised per id width and dtype (both constants after inlining), with
+ * the cache's arrays and counters in locals: `out` is restrict, so stores of decoded rows
+ * no longer force a reload of every field of the cache (-fno-strict-aliasing) per row. */
+static inline __attribute__((always_inline)) Py_ssize_t
+cache_pass(RowCache *self, const es_view *v, const void *ids, const int id64, const int dtype,
+           Py_ssize_t n, float *restrict out, Deferred *later) {
+    uint64_t *const hash = self->hash;
+    Slot *const slots = self->slots;
+    const char *const rows = self->rows;
+    const uint64_t hmask = self->hmask, window = self->window;
+    const size_t rowbytes = (size_t)self->stride, dim = (size_t)self->dim;
+    const float *const f16 = v->f16;
+    uint64_t hits = 0;
+    Py_ssize_t nlater = 0;
+    uint64_t hvs[PIPE_RING];
+    const uint64_t *seqs[PIPE_RING]; /* each id's chunk counter, addressed once */
+    int32_t cand[PIPE_RING];
+#define CP_ID(i) (id64 ? ((const int64_t *)ids)[i] : (int64_t)((const int32_t *)ids)[i])
+    for (Py_ssize_t i = -2 * PIPE_DIST; i < n; i++) {
+        Py_ssize_t a = i + 2 * PIPE_DIST, b = i + PIPE_DIST;
+        if (a < n) { /* stage 1 */
+            int64_t row = CP_ID(a);
+            uint64_t hv = mix64((uint64_t)row);
+            const uint64_t *sp = es_seq_ptr(v, row);
+            hvs[a & (PIPE_RING - 1)] = hv;
+            seqs[a & (PIPE_RING - 1)] = sp;
+            __builtin_prefetch(&hash[hv & hmask]);
+            __builtin_prefetch(sp);
+        }
+        if (b >= 0 && b < n) { /* stage 2 */
+            int32_t s = cache_candidate(self, hvs[b & (PIPE_RING - 1)]);
+            cand[b & (PIPE_RING - 1)] = s;
+            if (s >= 0) {
+                __builtin_prefetch(&slots[s]);
+                es_prefetch_bytes(rows + (size_t)s * rowbytes, rowbytes);
+            }
+        }
+        if (i < 0) continue;
+        /* stage 3 */
+        int64_t row = CP_ID(i);
+        uint64_t hv = hvs[i & (PIPE_RING - 1)], pos;
+        int32_t s = cand[i & (PIPE_RING - 1)];
+        if (s < 0 || slots[s].row != row) s = cache_find(self, row, hv, &pos);
+        if (s >= 0) {
+            Slot *e = &slots[s];
+            int pending = is_pending(e);
+            if (pending || __atomic_load_n(seqs[i & (PIPE_RING - 1)], __ATOMIC_ACQUIRE) == e->seq) {
+                if (pending)
+                    later[nlater++] = (Deferred){i, row, -1, 0, 0};
+                else
+                    es_decode_as(dtype, (int)dim, f16, rows + (size_t)s * rowbytes,
+                                 out + (size_t)i * dim);
+                if (self->clock - e->stamp > window && self->head != s) {
+                    lru_unlink(self, s);
+                    lru_push_front(self, s);
+                }
+                hits++;
+                continue;
+            }
+            self->invalidations++; /* a writer changed the chunk since: reread */
+            cache_find(self, row, hv, &pos);
+            cache_remove(self, s, pos);
+        }
+        self->misses++;
+        s = cache_take_slot(self);
+        cache_find(self, row, hv, &pos); /* eviction may have shifted the probe run */
+        hash[pos] = (TAG(hv) << 32) | (uint64_t)(s + 1);
+        self->tickets += 2;
+        slots[s].row = row;
+        slots[s].seq = self->tickets | 1;
+        lru_push_front(self, s);
+        self->used++;
+        later[nlater++] = (Deferred){i, row, s, self->tickets | 1, 0};
+    }
+#undef CP_ID
+    self->hits += hits;
+    return nlater;
+}
+
+static Py_ssize_t cache_pass_any(RowCache *self, const es_view *v, const void *ids, int id64,
+                                 Py_ssize_t n, float *out, Deferred *later) {
+#define CP_CASE(dt) case dt: return id64 ? cache_pass(self, v, ids, 1, dt, n, out, later) \
+                                         : cache_pass(self, v, ids, 0, dt, n, out, later);
+    switch (v->dtype) {
+    CP_CASE(ES_F32)
+    CP_CASE(ES_F16)
+    CP_CASE(ES_BF16)
+    default: CP_CASE(ES_I8)
+    }
+#undef CP_CASE
+}
+
 /* gather(source, ids, out) -> like RowSource.gather, through the cache. */
 static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
     RowSource *src;
@@ -710,7 +804,6 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t result;
-    size_t rowbytes = (size_t)self->stride;
     Py_BEGIN_ALLOW_THREADS
     result = first_bad(&ids, n, src->num_rows);
     if (result < 0) {
@@ -719,64 +812,10 @@ static PyObject *RowCache_gather(RowCache *self, PyObject *args) {
         if (n > 64 && !(later = PyMem_RawMalloc(sizeof(Deferred) * (size_t)n))) result = RC_NOMEM;
         Py_ssize_t nlater = 0;
         if (result == -1) pthread_mutex_lock(&self->lock);
-        uint64_t hvs[PIPE_RING];
-        int32_t cand[PIPE_RING];
-        for (Py_ssize_t i = -2 * PIPE_DIST; i < n && result == -1; i++) {
-            Py_ssize_t a = i + 2 * PIPE_DIST, b = i + PIPE_DIST;
-            if (a < n) { /* stage 1 */
-                int64_t row = id_at(&ids, a);
-                uint64_t hv = mix64((uint64_t)row);
-                hvs[a & (PIPE_RING - 1)] = hv;
-                __builtin_prefetch(&self->hash[hv & self->hmask]);
-                __builtin_prefetch(es_seq_ptr(&v, row));
-            }
-            if (b >= 0 && b < n) { /* stage 2 */
-                int32_t s = cache_candidate(self, hvs[b & (PIPE_RING - 1)]);
-                cand[b & (PIPE_RING - 1)] = s;
-                if (s >= 0) {
-                    __builtin_prefetch(&self->slots[s]);
-                    es_prefetch_bytes(self->rows + (size_t)s * rowbytes, rowbytes);
-                }
-            }
-            if (i < 0) continue;
-            /* stage 3 */
-            int64_t row = id_at(&ids, i);
-            uint64_t hv = hvs[i & (PIPE_RING - 1)], pos;
-            float *dst = (float *)out.buf + (size_t)i * self->dim;
-            int32_t s = cand[i & (PIPE_RING - 1)];
-            if (s < 0 || self->slots[s].row != row) s = cache_find(self, row, hv, &pos);
-            if (s >= 0) {
-                Slot *e = &self->slots[s];
-                int pending = is_pending(e);
-                if (pending || __atomic_load_n(es_seq_ptr(&v, row), __ATOMIC_ACQUIRE) == e->seq) {
-                    if (pending)
-                        later[nlater++] = (Deferred){i, row, -1, 0, 0};
-                    else
-                        es_decode_row(&v, self->rows + (size_t)s * rowbytes, dst);
-                    if (self->clock - e->stamp > self->window && self->head != s) {
-                        lru_unlink(self, s);
-                        lru_push_front(self, s);
-                    }
-                    self->hits++;
-                    continue;
-                }
-                self->invalidations++; /* a writer changed the chunk since: reread */
-                cache_find(self, row, hv, &pos);
-                cache_remove(self, s, pos);
-            }
-            self->misses++;
-            s = cache_take_slot(self);
-            cache_find(self, row, hv, &pos); /* eviction may have shifted the probe run */
-            self->hash[pos] = (TAG(hv) << 32) | (uint64_t)(s + 1);
-            self->tickets += 2;
-            self->slots[s].row = row;
-            self->slots[s].seq = self->tickets | 1;
-            lru_push_front(self, s);
-            self->used++;
-            later[nlater++] = (Deferred){i, row, s, self->tickets | 1, 0};
-        }
+        if (result == -1)
+            nlater = cache_pass_any(self, &v, ids.buf, ids.itemsize == 8, n, (float *)out.buf,
+                                    later);
         if (result == -1) pthread_mutex_unlock(&self->lock);
-        /* the rows of misses, read with no lock held */
         /* the rows of misses, read with no lock held */
         Py_ssize_t read = read_deferred(self, &v, later, nlater, (float *)out.buf);
         if (read < nlater) result = RC_TORN;

@@ -117,15 +117,17 @@ static inline void es_fill_f16_table(float *table) {
     for (uint32_t h = 0; h < 65536; h++) table[h] = es_half_to_float((uint16_t)h);
 }
 
-static inline void es_decode_row(const es_view *v, const char *src, float *dst) {
-    int d = v->dim;
-    switch (v->dtype) {
+/* Decode one row of `dtype` (a constant where the caller is specialised per dtype, so the
+ * switch folds away and the loop is vectorised for that encoding alone). */
+static inline __attribute__((always_inline)) void
+es_decode_as(const int dtype, int d, const float *f16, const char *src, float *dst) {
+    switch (dtype) {
     case ES_F32:
         memcpy(dst, src, (size_t)d * 4);
         break;
     case ES_F16: {
         const uint16_t *h = (const uint16_t *)src;
-        for (int j = 0; j < d; j++) dst[j] = v->f16[h[j]];
+        for (int j = 0; j < d; j++) dst[j] = f16[h[j]];
         break;
     }
     case ES_BF16: {
@@ -144,6 +146,10 @@ static inline void es_decode_row(const es_view *v, const char *src, float *dst) 
         break;
     }
     }
+}
+
+static inline void es_decode_row(const es_view *v, const char *src, float *dst) {
+    es_decode_as(v->dtype, v->dim, v->f16, src, dst);
 }
 
 /* Seqlock read of one row. The row copy races with a writer by design; the counter
