@@ -10,7 +10,10 @@ the hot-row cache at equal bytes. Every figure is taken side by side in one run.
 Tables are float32, dim 64 (256-byte rows), in --dir (default /tmp/embbench/serving), built
 on first use and removed with --clean. A cold page cache is made per file
 (posix_fadvise DONTNEED after fdatasync), never by dropping every cache of the machine.
-Results are printed and written as JSON to --out.
+Results are printed and written as JSON to --out. pss splits each group's total PSS
+(/proc/PID/smaps) into the store's files, other files (shared libraries) and anonymous
+memory, and with --models measures a no-embstore TensorFlow peer in the same run, so
+that what TensorFlow costs a process and what embstore adds are both measured.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def build(work: Path, gb: float, kinds: tuple[str, ...]) -> dict[str, Path]:
     base = work / f"{gb:g}gb"
     base.mkdir(parents=True, exist_ok=True)
     paths = {"store": base / "store", "npy": base / "t.npy", "emb_model": base / "emb_model",
-             "var_model": base / "var_model"}
+             "var_model": base / "var_model", "peer_model": work / "peer_model"}
     if "store" in kinds and not (paths["store"] / "MANIFEST").exists():
         import embstore
         log(f"building {paths['store']} ({rows:,} rows)")
@@ -83,6 +86,8 @@ def build(work: Path, gb: float, kinds: tuple[str, ...]) -> dict[str, Path]:
                    "out": str(paths["emb_model"])})
     if "var_model" in kinds and not paths["var_model"].exists():
         run_child({"job": "save_var", "npy": str(paths["npy"]), "out": str(paths["var_model"])})
+    if "peer_model" in kinds and not paths["peer_model"].exists():
+        run_child({"job": "save_peer", "out": str(paths["peer_model"])})
     return paths
 
 
@@ -154,6 +159,28 @@ def job_save_var(p: dict[str, Any]) -> dict[str, Any]:
         @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
         def serve(self, ids):
             return tf.gather(self.table, ids)
+
+    tf.saved_model.save(Served(), p["out"])
+    return {}
+
+
+PEER_ROWS = 1024  # the peer model's tf.Variable: 1024 x 64 float32, 256 KiB
+
+
+def job_save_peer(p: dict[str, Any]) -> dict[str, Any]:
+    """The embstore SavedModel's twin without embstore: same signature and output shape,
+    rows from a tiny tf.Variable (ids folded into its 1024 rows). Processes serving it
+    measure what TensorFlow itself costs a serving process."""
+    import tensorflow as tf
+    init = np.random.default_rng(0).standard_normal((PEER_ROWS, DIM), dtype=np.float32)
+
+    class Served(tf.Module):
+        def __init__(self) -> None:
+            self.table = tf.Variable(init)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+        def serve(self, ids):
+            return tf.gather(self.table, ids % PEER_ROWS)
 
     tf.saved_model.save(Served(), p["out"])
     return {}
@@ -237,69 +264,224 @@ def job_latency(p: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def own_pss() -> dict[str, int]:
+    """This process's Pss and Pss_Anon (smaps_rollup), bytes."""
+    with open("/proc/self/smaps_rollup") as f:
+        got = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss")}
+    return {"pss": got["Pss"], "anon": got["Pss_Anon"]}
+
+
 def job_pss_serve(p: dict[str, Any]) -> dict[str, Any]:
-    """Open, gather every row, say ready, wait on stdin (the parent reads our PSS).
-    With "model": through the embstore SavedModel in ``model`` instead (TensorFlow)."""
-    import embstore
-    store = embstore.open(p["path"], cache_bytes=int(p["cache_bytes"]))
-    table = store["t"]
-    out = np.empty((BATCH, DIM), np.float32)
+    """Serve every row, say ready, wait on stdin (the parent reads our smaps). ``kind``:
+    "gather" (embstore.open, Table.gather), "model" (the embstore SavedModel, loaded with
+    etf.load) or "peer" (the same SavedModel without embstore: TensorFlow alone). Our own
+    PSS is recorded after each step ("stages"), so the ready line says where it grew."""
+    kind, rows = p.get("kind", "gather"), int(p["rows"])
+    stages = {"start": own_pss()}
     rng = np.random.default_rng(os.getpid())
-    if p.get("model"):
-        import tensorflow as tf
-        import embstore.tensorflow as etf
-        model = etf.load(p["model"])
+    if kind == "gather":
+        import embstore
+        stages["import embstore"] = own_pss()
+        store = embstore.open(p["path"], cache_bytes=int(p["cache_bytes"]))
+        table = store["t"]
+        out = np.empty((BATCH, DIM), np.float32)
         for lo in range(0, table.num_rows, BATCH):
-            model.serve(tf.range(lo, min(lo + BATCH, table.num_rows), dtype=tf.int64))
-    for lo in range(0, table.num_rows, BATCH) if not p.get("model") else ():
-        n = min(BATCH, table.num_rows - lo)
-        table.gather(np.arange(lo, lo + n), out=out[:n])
-    if p["cache_bytes"]:  # then a Zipf stream, so the cache holds its hottest rows
-        perm = rng.permutation(table.num_rows)
-        for _ in range(p.get("zipf_batches", 200)):
-            ids = perm[(rng.zipf(1.05, BATCH) - 1) % table.num_rows]
-            table.gather(ids, out=out)
-        del perm, ids  # 8 bytes a row: not the cache's memory, must not count in the PSS
-    print(json.dumps({"ready": True, "cache_rows": table.stats()["rows"]}), flush=True)
+            n = min(BATCH, table.num_rows - lo)
+            table.gather(np.arange(lo, lo + n), out=out[:n])
+        stages["served"] = own_pss()
+        if p["cache_bytes"]:  # then a Zipf stream, so the cache holds its hottest rows
+            perm = rng.permutation(table.num_rows)
+            for _ in range(p.get("zipf_batches", 200)):
+                ids = perm[(rng.zipf(1.05, BATCH) - 1) % table.num_rows]
+                table.gather(ids, out=out)
+            del perm, ids  # 8 bytes a row: not the cache's memory, must not count in the PSS
+            stages["zipf"] = own_pss()
+        cache_rows = table.stats()["rows"]
+    else:
+        import tensorflow as tf
+        stages["import tensorflow"] = own_pss()
+        if kind == "model":
+            import embstore.tensorflow as etf
+            stages["import embstore.tensorflow"] = own_pss()
+            model = etf.load(p["model"])
+        else:
+            model = tf.saved_model.load(p["model"])
+        stages["loaded"] = own_pss()
+        for lo in range(0, rows, BATCH):
+            model.serve(tf.range(lo, min(lo + BATCH, rows), dtype=tf.int64))
+        stages["served"] = own_pss()
+        cache_rows = 0
+    print(json.dumps({"ready": True, "cache_rows": cache_rows, "stages": stages}), flush=True)
     sys.stdin.readline()
     return {}
 
 
 JOBS = {"save_emb": job_save_emb, "save_var": job_save_var, "start": job_start,
-        "latency": job_latency, "pss_serve": job_pss_serve}
+        "latency": job_latency, "pss_serve": job_pss_serve,
+        "save_peer": job_save_peer}
 
 
 # --- commands ---------------------------------------------------------------------------
 
 
-def pss_group(path: Path, n: int, cache_bytes: int, model: Path | None = None
-              ) -> dict[str, Any]:
+PARTS = ("store", "files", "anon")
+
+
+def smaps_parts(pid: int, store_dir: Path) -> dict[str, int]:
+    """PSS of process ``pid`` in bytes, from /proc/PID/smaps, split three ways:
+
+    - "store": mappings of files under ``store_dir`` (shards and any other store file);
+    - "files": the file pages of every other file mapping (the interpreter, numpy,
+      libtensorflow, the op libraries...): shared by every process that maps them;
+    - "anon": anonymous memory (heap, stacks, TensorFlow's allocators, unnamed mappings)
+      and the private copies of pages in file mappings (a library's relocated data).
+
+    A file mapping's private copies are its "Anonymous" kB (unshared: children are
+    spawned, not forked); the rest of its Pss is file pages. "rollup" is smaps_rollup's
+    Pss, for a check (the parts are sums of per-mapping kB, rounded down each);
+    "page_tables" is the process's VmPTE: kernel memory outside PSS (small on the
+    project's VM: the kernel maps most of a touched shard in 2 MiB pieces, FilePmdMapped,
+    so 4 GB of rows took under 1 MB of page tables)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        out = parse_smaps(f, store_dir)
+    out["rollup"] = pss(pid)
+    with open(f"/proc/{pid}/status") as f:
+        out["page_tables"] = next(int(ln.split()[1]) * 1024 for ln in f
+                                  if ln.startswith("VmPTE:"))
+    return out
+
+
+def parse_smaps(lines: Any, store_dir: Path) -> dict[str, int]:
+    """The parts of smaps_parts (bytes, and their "total") from smaps text lines."""
+    root = str(Path(store_dir).resolve()) + "/"
+    got = dict.fromkeys(PARTS, 0)
+    kind, pss_kb = "anon", 0
+    for line in lines:
+        head = line.split(None, 5)
+        if not head:
+            continue
+        if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+            path = head[5].strip() if len(head) > 5 else ""
+            kind = "store" if path.startswith(root) else \
+                "files" if path.startswith("/") else "anon"
+            pss_kb = 0
+        elif head[0] == "Pss:":
+            pss_kb = int(head[1])
+            got[kind] += pss_kb
+        elif head[0] == "Anonymous:" and kind != "anon":
+            moved = min(int(head[1]), pss_kb)  # private copies of file pages
+            got[kind] -= moved
+            got["anon"] += moved
+    out = {k: v * 1024 for k, v in got.items()}
+    out["total"] = sum(out[k] for k in PARTS)
+    return out
+
+
+def pss_group(path: Path, n: int, cache_bytes: int, kind: str = "gather",
+              model: Path | None = None) -> dict[str, Any]:
+    """``n`` serving processes of ``kind`` (see job_pss_serve); once all are ready, their
+    total PSS and its parts (smaps_parts), summed and per process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    params = {"job": "pss_serve", "path": str(path), "cache_bytes": cache_bytes,
+    params = {"job": "pss_serve", "kind": kind, "path": str(path), "cache_bytes": cache_bytes,
+              "rows": rows_in(path),
               "model": str(model) if model else None}
     procs = [subprocess.Popen(child_argv(params),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
              for _ in range(n)]
     try:
-        cache_rows = [json.loads(p.stdout.readline())["cache_rows"] for p in procs]
-        return {"pss_bytes": sum(pss(p.pid) for p in procs), "cache_rows": cache_rows}
+        ready = []
+        for p in procs:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"a {kind} serving process exited ({p.wait()})")
+            ready.append(json.loads(line))
+        each = [smaps_parts(p.pid, path) for p in procs]
+        got: dict[str, Any] = {k: sum(e[k] for e in each) for k in (*PARTS, "total", "rollup", "page_tables")}
+        got.update(pss_bytes=got["total"], cache_rows=[r["cache_rows"] for r in ready],
+                   each=each, stages=[r["stages"] for r in ready])
+        return got
     finally:
         release(procs, 60)
 
 
+def rows_in(store: Path) -> int:
+    """The table's rows (the peer serves as many batches of the same size)."""
+    import embstore
+    with embstore.open(store) as s:
+        return s["t"].num_rows
+
+
+def group_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over repeats per (group, processes), and for each group the largest N
+    against 1: (a) whole PSS, (b) the store's files; for the embstore SavedModel also
+    (c) whole minus the no-embstore peer at the same N."""
+    med: dict[str, dict[int, dict[str, float]]] = {}
+    for g in sorted({r["group"] for r in runs}):
+        med[g] = {}
+        for n in sorted({r["procs"] for r in runs if r["group"] == g}):
+            sel = [r for r in runs if r["group"] == g and r["procs"] == n]
+            med[g][n] = {k: float(np.median([r[k] for r in sel]))
+                         for k in (*PARTS, "total", "page_tables")}
+    out: dict[str, Any] = {"median": {g: {str(n): v for n, v in d.items()}
+                                      for g, d in med.items()}, "ratios": {}}
+    for g, d in med.items():
+        lo, hi = min(d), max(d)
+        if lo == hi:
+            continue
+        r = {"of": f"{hi} vs {lo}", "whole": d[hi]["total"] / d[lo]["total"],
+             "store": d[hi]["store"] / max(1.0, d[lo]["store"])}
+        if g == "model" and "peer" in med and {lo, hi} <= set(med["peer"]):
+            minus = {n: d[n]["total"] - med["peer"][n]["total"] for n in (lo, hi)}
+            r["whole_minus_peer"] = minus[hi] / minus[lo]
+            r["minus_peer_bytes"] = minus
+            # what each process of embstore adds beyond one copy of the rows
+            r["embstore_per_process_bytes"] = (minus[hi] - minus[lo]) / (hi - lo)
+        r["per_extra_process_bytes"] = (d[hi]["total"] - d[lo]["total"]) / (hi - lo)
+        out["ratios"][g] = r
+    return out
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    log("group  procs   total GB  store GB  files GB  anon GB")
+    for g, d in summary["median"].items():
+        for n, v in d.items():
+            log(f"{g:6} {n:>5}  " + "  ".join(f"{v[k] / 1e9:8.3f}"
+                                              for k in ("total", "store", "files", "anon")))
+    for g, r in summary["ratios"].items():
+        log(f"{g}: {r['of']}: whole {r['whole']:.2f}x, store files {r['store']:.2f}x"
+            + (f", whole minus peer {r['whole_minus_peer']:.2f}x (embstore adds "
+               f"{r['embstore_per_process_bytes'] / 1e6:.1f} MB a process)"
+               if "whole_minus_peer" in r else "")
+            + f"; each extra process {r['per_extra_process_bytes'] / 1e6:.0f} MB")
+
+
 def cmd_pss(args: argparse.Namespace) -> dict[str, Any]:
-    paths = build(args.dir, args.gb[0], ("store", "emb_model") if args.models else ("store",))
+    """Groups of N serving processes, interleaved per N and repeat. Without --models:
+    Table.gather with the hot-row cache off and at --cache-frac. With --models: Table.gather
+    (cache off), the embstore SavedModel and its no-embstore peer."""
+    kinds = ("store", "emb_model", "peer_model") if args.models else ("store",)
+    paths = build(args.dir, args.gb[0], kinds)
     table_bytes = rows_of(args.gb[0]) * DIM * 4
     res: dict[str, Any] = {"table_bytes": table_bytes, "runs": []}
-    model = paths["emb_model"] if args.models else None
+    if args.models:
+        groups = [("gather", 0.0, None), ("model", 0.0, paths["emb_model"]),
+                  ("peer", 0.0, paths["peer_model"])]
+    else:
+        groups = [("gather", 0.0, None), ("gather", args.cache_frac, None)]
     for r in range(args.repeats):
-        for cache_frac in (0.0,) if args.models else (0.0, args.cache_frac):
-            for n in args.procs:
-                got = pss_group(paths["store"], n, int(cache_frac * table_bytes), model)
-                got.update(procs=n, cache_frac=cache_frac, repeat=r, model=bool(model))
+        for n in args.procs:
+            for kind, cache_frac, model in groups:
+                got = pss_group(paths["store"], n, int(cache_frac * table_bytes), kind, model)
+                group = kind if not cache_frac else f"{kind}+cache"
+                got.update(procs=n, cache_frac=cache_frac, repeat=r, model=kind == "model",
+                           group=group)
                 res["runs"].append(got)
-                log(f"pss: {n} procs cache {cache_frac:.0%} model {bool(model)}: "
-                    f"{got['pss_bytes'] / 1e9:.2f} GB")
+                log(f"pss: {n} procs {group}: {got['total'] / 1e9:.3f} GB (store "
+                    f"{got['store'] / 1e9:.3f}, files {got['files'] / 1e9:.3f}, anon "
+                    f"{got['anon'] / 1e9:.3f}; rollup {got['rollup'] / 1e9:.3f}; page tables "
+                    f"{got['page_tables'] / 1e9:.3f})")
+    res["summary"] = group_summary(res["runs"])
+    print_summary(res["summary"])
     return res
 
 
@@ -485,7 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--cache-frac", type=float, default=0.05)
     p.add_argument("--models", action="store_true",
-                   help="pss: processes serve through the embstore SavedModel (TensorFlow)")
+                   help="pss: groups of Table.gather (cache off), the embstore SavedModel "
+                        "(etf.load) and its twin without embstore (TensorFlow alone), instead "
+                        "of Table.gather with the cache off and on. Every group's PSS is "
+                        "split into the store's files, other files and anonymous memory")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 256])
     p.add_argument("--requests", type=int, default=2000)
