@@ -192,7 +192,7 @@ def _loader(p: dict[str, Any]) -> Any:
     t0 = time.perf_counter()
     if kind == "emb_model":
         import embstore.tensorflow as etf
-        model = etf.load(p["path"])
+        model = etf.load(p["path"], follow=bool(p.get("follow")))
         fn = lambda ids: model.serve(ids).numpy()  # noqa: E731
     elif kind == "var_model":
         import tensorflow as tf
@@ -545,7 +545,9 @@ def cmd_latency(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_versions(args: argparse.Namespace) -> dict[str, Any]:
     """What serving whole versions costs: the writer's steps/s with serve_versions on
     against off (same steps, interleaved), and a reader's Store.lookup against a plain
-    Table.gather with 0% and 10% of the rows changed since the version served."""
+    Table.gather with 0% and 10% of the rows changed since the version served; the same
+    for a keyed table (keys deleted and inserted since); a native-op SavedModel served
+    with follow=True against the same model loaded plainly."""
     import tempfile
     import embstore
     rows, steps = 1 << 20, 200
@@ -593,7 +595,77 @@ def cmd_versions(args: argparse.Namespace) -> dict[str, Any]:
                                                     look / plain, "lookup_ms": look * 10})
                 shutil.rmtree(path, ignore_errors=True)
                 log(f"versions: {res['runs'][-1]}")
+        res["keyed_reader"] = keyed_lookup_cost(Path(tmp), rows, args.repeats)
+        res["followed_model"] = followed_model_cost(Path(tmp), rows, args.repeats)
     return res
+
+
+def keyed_lookup_cost(tmp: Path, rows: int, repeats: int) -> list[dict[str, Any]]:
+    """A keyed table's Store.lookup against a plain Table.gather of the same 4096 keys,
+    with no key changed since the version served, then with 10% of the keys deleted and
+    as many new ones inserted (they take the freed rows) since."""
+    import embstore
+    path, out = tmp / "keyed", []
+    rng = np.random.default_rng(11)
+    keys = rng.choice(1 << 40, rows, replace=False)
+    with embstore.create(path, serve_versions=True, checkpoint_bytes=1 << 40,
+                         checkpoint_seconds=1e9) as store:
+        table = store.create_table("t", DIM, key_type="int64", missing="zeros")
+        for lo in range(0, rows, 1 << 16):
+            table.insert(keys[lo:lo + (1 << 16)], np.ones((min(1 << 16, rows - lo), DIM),
+                                                           np.float32))
+        store.checkpoint()
+        with embstore.open(path) as reader:
+            batches = [rng.choice(keys, BATCH) for _ in range(100)]
+            for label in ("0%", "10%"):
+                if label == "10%":
+                    gone = rng.choice(keys, rows // 10, replace=False)
+                    table.delete(gone)
+                    table.insert(rng.integers(1 << 41, 1 << 42, len(gone)),
+                                 np.full((len(gone), DIM), 2, np.float32))
+                for r in range(repeats):
+                    reader.lookup({"t": batches[0]})
+                    reader["t"].gather(batches[0])
+                    t = time.perf_counter()
+                    for b in batches:
+                        reader.lookup({"t": b})
+                    look = time.perf_counter() - t
+                    t = time.perf_counter()
+                    for b in batches:
+                        reader["t"].gather(b)
+                    plain = time.perf_counter() - t
+                    out.append({"changed": label, "repeat": r, "lookup_over_gather": look / plain,
+                                "lookup_ms": look * 10, "gather_ms": plain * 10})
+                    log(f"versions: keyed reader {out[-1]}")
+    shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+def followed_model_cost(tmp: Path, rows: int, repeats: int) -> list[dict[str, Any]]:
+    """A SavedModel of the native op served with ``etf.load(follow=True)`` against the
+    same model loaded plainly: p50/p99 of requests of 1 and 4096 ids, each in its own
+    process, alternated, with 10% of the rows changed since the version served (so the
+    patch has work to do). A writer holds the store open meanwhile."""
+    import embstore
+    path, model = tmp / "followed", tmp / "followed_model"
+    out = []
+    with embstore.create(path, serve_versions=True, checkpoint_bytes=1 << 40,
+                         checkpoint_seconds=1e9) as store:
+        store.create_table("t", DIM, rows=rows)
+        store.checkpoint()
+        changed = np.random.default_rng(9).choice(rows, rows // 10, replace=False)
+        store["t"].update(changed, np.ones((len(changed), DIM), np.float32))
+        run_child({"job": "save_emb", "store": str(path), "out": str(model)})
+        for r in range(repeats):
+            for follow in (False, True):
+                got = run_child({"job": "latency", "kind": "emb_model", "path": str(model),
+                                 "rows": rows, "sizes": [1, BATCH], "requests": 300,
+                                 "follow": follow})
+                out.append({"follow": follow, "repeat": r, **got})
+                log(f"versions: followed model {out[-1]}")
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(model, ignore_errors=True)
+    return out
 
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
