@@ -581,15 +581,7 @@ def cmd_versions(args: argparse.Namespace) -> dict[str, Any]:
                                 if label == "10%":
                                     store["t"].update(changed, np.ones((len(changed), DIM),
                                                                        np.float32))
-                                reader.lookup({"t": ids[0]})
-                                t = time.perf_counter()
-                                for b in ids:
-                                    reader.lookup({"t": b})
-                                look = time.perf_counter() - t
-                                t = time.perf_counter()
-                                for b in ids:
-                                    table.gather(b)
-                                plain = time.perf_counter() - t
+                                look, plain = lookup_and_gather(reader, table, ids)
                                 res["runs"].append({"what": "reader", "changed": label,
                                                     "repeat": r, "lookup_over_gather":
                                                     look / plain, "lookup_ms": look * 10})
@@ -598,6 +590,21 @@ def cmd_versions(args: argparse.Namespace) -> dict[str, Any]:
         res["keyed_reader"] = keyed_lookup_cost(Path(tmp), rows, args.repeats)
         res["followed_model"] = followed_model_cost(Path(tmp), rows, args.repeats)
     return res
+
+
+def lookup_and_gather(reader: Any, table: Any, batches: list[np.ndarray]) -> tuple[float, float]:
+    """Seconds for Store.lookup of every batch of table "t", then for Table.gather of
+    them, after one warm-up call of each."""
+    reader.lookup({"t": batches[0]})
+    table.gather(batches[0])
+    t = time.perf_counter()
+    for b in batches:
+        reader.lookup({"t": b})
+    look = time.perf_counter() - t
+    t = time.perf_counter()
+    for b in batches:
+        table.gather(b)
+    return look, time.perf_counter() - t
 
 
 def keyed_lookup_cost(tmp: Path, rows: int, repeats: int) -> list[dict[str, Any]]:
@@ -624,16 +631,7 @@ def keyed_lookup_cost(tmp: Path, rows: int, repeats: int) -> list[dict[str, Any]
                     table.insert(rng.integers(1 << 41, 1 << 42, len(gone)),
                                  np.full((len(gone), DIM), 2, np.float32))
                 for r in range(repeats):
-                    reader.lookup({"t": batches[0]})
-                    reader["t"].gather(batches[0])
-                    t = time.perf_counter()
-                    for b in batches:
-                        reader.lookup({"t": b})
-                    look = time.perf_counter() - t
-                    t = time.perf_counter()
-                    for b in batches:
-                        reader["t"].gather(b)
-                    plain = time.perf_counter() - t
+                    look, plain = lookup_and_gather(reader, reader["t"], batches)
                     out.append({"changed": label, "repeat": r, "lookup_over_gather": look / plain,
                                 "lookup_ms": look * 10, "gather_ms": plain * 10})
                     log(f"versions: keyed reader {out[-1]}")
