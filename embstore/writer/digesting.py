@@ -216,6 +216,17 @@ class DirtyBlocks:
         dg.write(self.fs, table._dir, d)
 
 
+def digests_of_written_rows(directory: Path, meta: TableMeta) -> dg.Digests:
+    """The digests of a new table's ``meta.num_rows`` rows as written in ``directory``
+    (read back from the files and hashed on the pool): a create with data records them
+    before the manifest commit that names the table."""
+    d = initial_digests(meta.stride, meta.rows_per_shard, 0)
+    d.resize(meta.num_rows)
+    _collect(d, hash_blocks_async(directory, meta, d,
+                                  np.arange(d.block_count, dtype=np.int64)))
+    return d
+
+
 def initial_digests(stride: int, rows_per_shard: int, num_rows: int) -> dg.Digests:
     """The digests of a new table of ``num_rows`` zero-filled rows: no reading needed."""
     rpb = dg.default_rows_per_block(stride, rows_per_shard)
