@@ -59,9 +59,10 @@ Writing (the writer's protocol)
   manifest commit lets the log records of those rows be recycled, and a digest file
   older than the shards would then report damage that is not there.
 * A bulk append hashes the blocks it wrote after syncing them and replaces the file
-  before the manifest commit that publishes the rows. A new table's file (zero rows, or
-  zero-filled rows, whose digests need no reading) is written before the manifest names
-  the table.
+  before the manifest commit that publishes the rows. A new table's file is written
+  before the manifest names the table: for zero rows or zero-filled rows from the digest
+  of zeros (no reading), for a table created with data from its rows, hashed after they
+  were synced.
 * A writable open compares N with the manifest's num_rows and rehashes the blocks in
   between at its recovery checkpoint (an append that died before publishing leaves a
   larger N).

@@ -128,7 +128,9 @@ even after recovery has rewritten the rows from the log.
 live.emb
 --------
 4096 bytes, mapped shared by the writer and every reader; volatile (rebuilt from the
-manifest and the log by the writer at open, never trusted for durability).
+manifest and the log by the writer at open, never trusted for durability). A new
+table's live file is written before the manifest names the table, so a reader that finds
+a table in the manifest finds its live file.
 
 ==========  =====  ==========================================================
 0           8      magic ``b"EMBLIVE\\0"``

@@ -282,18 +282,22 @@ class Store:
         1 GiB of rows per shard; a table that starts empty with no ``expected_rows`` gets
         16 MiB shards. Pass ``expected_rows`` for a table that will grow large, so that it
         uses few, large shard files.
+
+        With ``data`` the table is created whole or not at all: its rows are streamed to
+        its files in bounded chunks and made durable before the one manifest commit that
+        names it, so a failure or crash leaves, after reopening, no table or all of them.
         """
         writer = self._writer_or_raise()
         check_user_table_name(name)
         meta = self._new_meta(name, dim, dtype, rows, data, key_type, missing, init_scale,
                               init_seed, expected_rows, rows_per_shard, chunk_rows)
-        table = ddl.create_table(writer, name, meta)
-        _OWNERS[table] = self
-        if data is not None:
+        chunks = None
+        if data is not None:  # streamed in bounded chunks, all in the table's one commit
             arr = np.asarray(data)
             step = max(1, BULK_CHUNK_BYTES // (4 * dim))
-            table.append_chunks((arr[i : i + step] for i in range(0, len(arr), step)),
-                                len(arr), progress)
+            chunks = (arr[i : i + step] for i in range(0, len(arr), step))
+        table = ddl.create_table(writer, name, meta, chunks, progress)
+        _OWNERS[table] = self
         return table
 
     def _new_meta(self, name: str, dim: int, dtype: str, rows: int, data: Any,
@@ -334,8 +338,8 @@ class Store:
         if not is_power_of_two(chunk_rows) or chunk_rows > rps:
             raise InvalidArgumentError(
                 f"chunk_rows must be a power of two <= rows_per_shard ({rps}), got {chunk_rows}")
-        shards = -(-rows // rps)  # data rows get their shards from append
-        return TableMeta(int(dim), dtype, int(rows), rps, chunk_rows, shards, key_type,
+        shards = -(-planned // rps)  # data rows: written before the table is named
+        return TableMeta(int(dim), dtype, int(planned), rps, chunk_rows, shards, key_type,
                          missing, float(init_scale), int(init_seed))
 
     def drop_table(self, name: str) -> None:

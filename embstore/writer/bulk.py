@@ -13,12 +13,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from embstore.codecs import as_float_rows, check_finite, encode_rows
-from embstore.errors import InvalidArgumentError, ShapeError
+from embstore.codecs import as_float_rows, check_finite
+from embstore.errors import InvalidArgumentError
 from embstore.interop.sources import Source, open_source
 from embstore.progress import Progress, ProgressArg
 from embstore.table import Table
 from embstore.writer.core import Writer
+from embstore.writer.rowstream import write_rows
 from embstore.writer.updates import update
 
 KEYED_BATCH = 65536  # rows per logged insert: bounds one log record to ~16 MiB at dim 64
@@ -33,35 +34,14 @@ def append_chunks(writer: Writer, table: Table, chunks: Iterable[np.ndarray], to
             f"table {table.name!r} is keyed by {meta.key_type}: use insert(keys, rows)")
     with writer.lock:
         writer.check_usable()
-        shards, start, written, touched = table._shards, meta.num_rows, 0, set()
-        # Shard files are made as the rows arrive, not all up front, and the metadata
-        # counts them only once the rows are published: a failed or interrupted import
-        # deletes the files it made and leaves the table as it was. A failed write or
-        # sync of the store's files poisons the writer (writer.durable); a failure to
-        # read the input does not.
+        shards, start = table._shards, meta.num_rows
+        # The metadata counts new shard files only once the rows are published: a failed
+        # or interrupted import deletes the files it made and leaves the table as it was.
         created: list[int] = []
-        have = meta.num_shards
         what = f"appending rows to table {table.name!r}"
         try:
-            with Progress(total, f"import {table.name}", progress) as bar:
-                for chunk in chunks:
-                    chunk = as_float_rows(chunk, meta.dim)
-                    if written + len(chunk) > total:
-                        raise ShapeError(f"more rows than announced ({total})")
-                    check_finite(chunk, table.name)
-                    need = -(-(start + written + len(chunk)) // meta.rows_per_shard)
-                    with writer.durable(what):
-                        if need > have:
-                            created += shards.add_files(have, need)
-                            have = need
-                        touched |= shards.pwrite_rows(start + written,
-                                                      encode_rows(chunk, meta.dtype))
-                    written += len(chunk)
-                    bar.update(len(chunk))
-            if written != total:
-                raise ShapeError(f"got {written} rows: expected {total}")
-            with writer.durable(what):
-                shards.sync(sorted(touched))
+            write_rows(writer, shards, table.name, start, chunks, total, progress, created,
+                       what)
         except BaseException:
             with writer.durable(what):
                 shards.remove_files(created)

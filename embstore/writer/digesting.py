@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -26,6 +27,7 @@ import numpy as np
 from embstore import digests as dg
 from embstore.errors import FormatError
 from embstore.fs import FileSystem
+from embstore.storage import TableMeta
 from embstore.table import Table
 from embstore.writer.changes import ChangeTrackers
 
@@ -54,15 +56,21 @@ def pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def hash_blocks_async(table: Table, d: dg.Digests, blocks: np.ndarray
+def hash_blocks_async(directory: Path, meta: TableMeta, d: dg.Digests, blocks: np.ndarray
                       ) -> list[Future[list[tuple[int, bytes]]]]:
-    """Start hashing ``blocks`` of ``table`` (rows in use per ``d.num_rows``) on the
-    pool, split into HASH_THREADS interleaved parts; the futures give (block, digest)."""
-    meta = table._meta
+    """Start hashing ``blocks`` of the table in ``directory`` (rows in use per
+    ``d.num_rows``) on the pool, split into HASH_THREADS interleaved parts; the futures
+    give (block, digest)."""
     spans = list(dg.block_spans(d, blocks, meta.rows_per_shard,
                                 meta.shard_header(0).data_offset))
     parts = [spans[i::HASH_THREADS] for i in range(HASH_THREADS)]
-    return [pool().submit(dg.hash_spans, table._dir, p) for p in parts if p]
+    return [pool().submit(dg.hash_spans, directory, p) for p in parts if p]
+
+
+def _collect(d: dg.Digests, futures: list[Future[list[tuple[int, bytes]]]]) -> None:
+    for f in futures:
+        for block, digest in f.result():
+            d.set(block, digest)
 
 
 class TableDigests:
@@ -178,15 +186,14 @@ class DirtyBlocks:
             d.resize(table._meta.num_rows)
             blocks = state.dirty()
             blocks = blocks[blocks < d.block_count]
-            work.append((table, state, changed, hash_blocks_async(table, d, blocks)))
+            work.append((table, state, changed,
+                         hash_blocks_async(table._dir, table._meta, d, blocks)))
         for table, state, _changed, _futures in work:
             shards = state.dirty_shards(table._meta.rows_per_shard)
             table._shards.sync([s for s in shards if s < table._meta.num_shards])
             state.sync_shards.clear()
         for table, state, changed, futures in work:
-            for f in futures:
-                for block, digest in f.result():
-                    state.digests.set(block, digest)
+            _collect(state.digests, futures)
             if changed:
                 state.digests.lsn = lsn
                 dg.write(self.fs, table._dir, state.digests)
@@ -204,10 +211,20 @@ class DirtyBlocks:
         d = state.digests
         d.resize(first + count)
         lo, hi = first >> state.shift, (first + count - 1) >> state.shift
-        for f in hash_blocks_async(table, d, np.arange(lo, hi + 1, dtype=np.int64)):
-            for block, digest in f.result():
-                d.set(block, digest)
+        _collect(d, hash_blocks_async(table._dir, table._meta, d,
+                                      np.arange(lo, hi + 1, dtype=np.int64)))
         dg.write(self.fs, table._dir, d)
+
+
+def digests_of_written_rows(directory: Path, meta: TableMeta) -> dg.Digests:
+    """The digests of a new table's ``meta.num_rows`` rows as written in ``directory``
+    (read back from the files and hashed on the pool): a create with data records them
+    before the manifest commit that names the table."""
+    d = initial_digests(meta.stride, meta.rows_per_shard, 0)
+    d.resize(meta.num_rows)
+    _collect(d, hash_blocks_async(directory, meta, d,
+                                  np.arange(d.block_count, dtype=np.int64)))
+    return d
 
 
 def initial_digests(stride: int, rows_per_shard: int, num_rows: int) -> dg.Digests:

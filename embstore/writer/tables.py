@@ -2,49 +2,101 @@
 
 The order is what keeps a crash harmless. A new table's files are made and made durable
 first and the manifest names them last, so a crash leaves at most an unreferenced
-directory (``compact`` removes it). A drop stops naming the table in the manifest
-first, then deletes its files. A rename records its intent in the manifest first
-(``renames``: new name -> old directory), then renames the directories, then drops the
-intent; a writable open finishes a rename a crash interrupted, and readers in between
-find the table under its old directory. Drop and rename checkpoint first, so no log
-record still to replay names a table by a name it no longer has.
+directory (``compact`` removes it, and so does the next create of that name). A table
+created with data gets its rows, synced, and their digests before that one commit: no
+state names the table without them, so a failure or crash leaves no table or all of it
+(a failure before the commit also deletes the directory). A drop stops naming the table
+in the manifest first, then deletes its files. A rename records its intent in the
+manifest first (``renames``: new name -> old directory), then renames the directories,
+then drops the intent; a writable open finishes a rename a crash interrupted, and
+readers in between find the table under its old directory. Drop and rename checkpoint
+first, so no log record still to replay names a table by a name it no longer has.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
 from embstore import digests as dg
 from embstore.catalog import INDEX_DIR, TABLES_DIR, is_slot_table
 from embstore.errors import StoreExistsError, TableNotFoundError
+from embstore.format import pack_live
 from embstore.keys import KeyIndex
-from embstore.storage import TableMeta, create_shard
+from embstore.progress import ProgressArg
+from embstore.storage import LIVE_NAME, ShardSet, TableMeta, create_shard
 from embstore.table import Table
 from embstore.writer.core import Writer
-from embstore.writer.digesting import initial_digests
+from embstore.writer.digesting import digests_of_written_rows, initial_digests
+from embstore.writer.rowstream import write_rows
 
 
-def _write_files(writer: Writer, name: str, meta: TableMeta) -> None:
-    fs, directory = writer.fs, writer.catalog.directory(name)
-    if directory.exists():
-        fs.rmtree(directory)  # leftovers of a create that crashed before its commit
-    fs.mkdir(directory, parents=True)
-    for index in range(meta.num_shards):
-        create_shard(fs, directory, meta, index)
+def _write_files(writer: Writer, directory: Path, meta: TableMeta, has_rows: bool) -> None:
+    """Everything but the rows: the shards (those a create with data has not made yet),
+    the key index, the row digests, the live file, and the directory entries durable."""
+    fs = writer.fs
+    if not has_rows:
+        for index in range(meta.num_shards):
+            create_shard(fs, directory, meta, index)
     if meta.key_type is not None:
         KeyIndex.create(directory / INDEX_DIR, key_type=meta.key_type, fs=fs).close()
-    # zero-filled rows: their digests are known without reading them
-    dg.write(fs, directory, initial_digests(meta.stride, meta.rows_per_shard, meta.num_rows))
+    if has_rows:
+        digests = digests_of_written_rows(directory, meta)
+    else:  # zero-filled rows: their digests are known without reading them
+        digests = initial_digests(meta.stride, meta.rows_per_shard, meta.num_rows)
+    dg.write(fs, directory, digests)
+    # before the commit, so a reader that finds the table in the manifest finds its live
+    # file (the writer's first open of the table then only maps it)
+    fs.atomic_write(directory / LIVE_NAME,
+                    pack_live(meta.num_rows, writer.manifest.checkpoint_lsn, meta.num_shards))
     fs.fsync_dir(directory)
     fs.fsync_dir(directory.parent)
 
 
-def create_table(writer: Writer, name: str, meta: TableMeta) -> Table:
-    """Make a table's files durable, then name it in the manifest."""
+def _write_rows(writer: Writer, name: str, directory: Path, meta: TableMeta,
+                rows: Iterable[np.ndarray], progress: ProgressArg, what: str) -> None:
+    """Stream the ``meta.num_rows`` rows of ``rows`` into shard files of the new table's
+    directory, made as the rows reach them, and sync them (writer.rowstream)."""
+    empty = replace(meta, num_rows=0, num_shards=0)  # what the directory holds so far
+    shards = ShardSet(directory, empty, True, writer.fs)
+    try:
+        write_rows(writer, shards, name, 0, rows, meta.num_rows, progress, [], what)
+    finally:
+        shards.close()
+
+
+def create_table(writer: Writer, name: str, meta: TableMeta,
+                 rows: Iterable[np.ndarray] | None = None, progress: ProgressArg = False
+                 ) -> Table:
+    """Make a table's files durable, then name it in the manifest. With ``rows`` (float
+    (n, dim) chunks, ``meta.num_rows`` rows in all, ``meta.num_shards`` shards for
+    them), the rows are written, synced and hashed before that one commit, so no state
+    in between names the table without them: a failure or crash before the commit leaves
+    no table (at most its unreferenced directory, deleted here when it can be), one
+    after it the whole table."""
+    what = f"creating table {name!r}"
     with writer.lock:
         writer.check_usable()
         if name in writer.manifest:
             raise StoreExistsError(f"table {name!r} already exists in {writer.root}")
-        with writer.durable(f"creating table {name!r}"):
-            _write_files(writer, name, meta)
+        directory = writer.catalog.directory(name)
+        try:
+            with writer.durable(what):
+                if directory.exists():  # left by a create that crashed before its commit
+                    writer.fs.rmtree(directory)
+                writer.fs.mkdir(directory, parents=True)
+            if rows is not None:  # the input's own failures do not poison the writer
+                _write_rows(writer, name, directory, meta, rows, progress, what)
+            with writer.durable(what):
+                _write_files(writer, directory, meta, rows is not None)
+        except BaseException:
+            with writer.durable(what):
+                writer.fs.rmtree(directory)  # no manifest names it
+            raise
+        with writer.durable(what):
             with writer.manifest.lock:
                 writer.manifest.add_table(name, meta)
                 writer.manifest.commit()

@@ -115,7 +115,7 @@ def known_of(error: str, opened: bool, step: str) -> str | None:
     if not opened:
         return "new.1"  # a failed write while opening escapes as a bare OSError
     if step == "create_table" and "after reopening" in error:
-        return "new.3"  # create_table(data=...) is not atomic: the table, without its rows
+        return "new.3"  # the table without its rows (fixed: reported as a regression)
     if step.startswith(("first adagrad", "create_table", "keyed table", "rename_table",
                         "drop_table", "op 1 (")):
         return "15.10"  # table and optimizer set-up: a failure neither typed nor blocking
