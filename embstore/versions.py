@@ -26,10 +26,11 @@ Layout, under ``<store>/serve/`` (all integers little-endian)::
                         before the writer overwrites the row.
     <v>/<table>.keyundo keyed tables: the same 64-byte header (magic b"EMBKEYU1", dim
                         0); then n records of a key (i64, the index's int64 form) and
-                        the row it had at version v (i64, -1: not a key at v), one
-                        record per key whose mapping the writer changed since v (an
-                        insert, a deletion, a freed row taken by a new key), written
-                        and published before the key index changes.
+                        the row it had at version v (i64, -1: not a key at v), for
+                        every key whose mapping the writer changes since v (an insert,
+                        a deletion), written and published before the key index
+                        changes; a key changed twice has two records, and its first
+                        is the version's.
 
 Protocol. The writer, per commit, before writing rows of a user table: the ids not yet
 in the table's undo file and below its row count at v get their current (version v)
@@ -216,28 +217,36 @@ class UndoWriter(_AppendFile):
 
 
 class KeyUndoWriter(_AppendFile):
-    """The writer's side of one keyed table's key undo file for the current version."""
+    """The writer's side of one keyed table's key undo file for the current version.
+    It keeps no memory of the keys recorded (a version may see millions of new keys):
+    a key changed twice is recorded twice, and readers take its first record."""
 
-    def __init__(self, fs: FileSystem, path: Path) -> None:
+    def __init__(self, fs: FileSystem, path: Path, rows: int) -> None:
         super().__init__(fs, path, KEY_UNDO_MAGIC, 0, KEY_RECORD)
-        self.seen: set[int] = set()  # keys recorded: the first change since v counts
+        self.rows = rows  # the table's rows at the version
 
     def adopt(self) -> None:
-        records = self._adopt()
-        if records is not None:
-            self.seen.update(records["key"].tolist())
+        self._adopt()
 
     def record_before(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Keep ``rows`` (the row of each key now, -1: none) for the keys not recorded
-        yet, and publish them: before the key index changes their mapping."""
+        """Keep ``rows`` (the row of each key now, -1: none), and publish them: before
+        the key index changes their mapping. A row beyond the version's rows belongs to
+        a key inserted since, whose first record already says -1: written as -1 too, so
+        readers can refuse any row outside the version."""
         keys, first = np.unique(keys, return_index=True)
-        fresh = np.fromiter((k not in self.seen for k in keys.tolist()), bool, len(keys))
-        if not fresh.any():
+        if not len(keys):
             return
-        buf = np.empty(int(fresh.sum()), dtype=self.record)
-        buf["key"], buf["row"] = keys[fresh], rows[first[fresh]]
+        buf = np.empty(len(keys), dtype=self.record)
+        buf["key"], buf["row"] = keys, np.where(rows[first] < self.rows, rows[first], -1)
         self._append(buf)
-        self.seen.update(buf["key"].tolist())
+
+
+def _first_of_each_key(records: np.ndarray) -> np.ndarray:
+    """Records sorted by key, keeping each key's first in file order (the version's)."""
+    ordered = records[np.argsort(records["key"], kind="stable")]
+    keep = np.ones(len(ordered), bool)
+    keep[1:] = ordered["key"][1:] != ordered["key"][:-1]
+    return ordered[keep]
 
 
 class _AppendReader:
@@ -319,14 +328,15 @@ class UndoReader(_AppendReader):
 
 class KeyUndoReader(_AppendReader):
     """A reader's view of one keyed table's key undo file: the version-v row of every
-    key whose mapping changed since v. Kept as sorted runs merged like an LSM tree (a run
-    merges into the one before it once that is at most twice its size), so a refresh
-    sorts only the new records and a lookup is a few binary searches."""
+    key whose mapping changed since v (a key's first record). Kept as sorted runs, oldest
+    first, merged like an LSM tree (a run merges into the one before it once that is at
+    most twice its size), so a refresh sorts only the new records and a lookup is a few
+    binary searches; a key in several runs takes its record from the oldest."""
 
     def __init__(self, path: Path, rows: int) -> None:
         super().__init__(path, KEY_UNDO_MAGIC, 0, KEY_RECORD)
         self.rows = rows
-        self.runs: list[np.ndarray] = []  # each sorted by key; no key in two runs
+        self.runs: list[np.ndarray] = []  # each sorted by key, one record a key
 
     def refresh(self) -> None:
         recs = self._read_new()
@@ -335,17 +345,17 @@ class KeyUndoReader(_AppendReader):
         rows = recs["row"]
         if len(rows) and (int(rows.min()) < -1 or int(rows.max()) >= self.rows):
             raise FormatError(f"{self.path}: a row outside the version's {self.rows} rows")
-        self.runs.append(np.sort(recs, order="key"))
+        self.runs.append(_first_of_each_key(recs))
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
-            last = self.runs.pop()
-            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), order="key")
+            newer = self.runs.pop()
+            self.runs[-1] = _first_of_each_key(np.concatenate([self.runs[-1], newer]))
         self.count += len(recs)
 
     def patch(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Replace ``rows`` (the index's rows of flat ``keys``) with the version-v row of
         every key recorded here; returns which keys were recorded."""
         recorded = np.zeros(len(keys), bool)
-        for run in self.runs:
+        for run in reversed(self.runs):  # newest first: the oldest record is put last
             at = np.searchsorted(run["key"], keys)
             np.minimum(at, len(run) - 1, out=at)
             hit = run["key"][at] == keys

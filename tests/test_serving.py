@@ -353,6 +353,34 @@ def test_a_hostile_undo_file_is_a_format_error_not_a_wild_write(tmp_path):
         reader.lookup({"a": [0]})
 
 
+def test_a_key_changed_twice_in_a_version_reads_its_first_record_across_runs(tmp_path):
+    """The writer keeps no set of recorded keys (a version may see millions of new
+    keys): a key deleted, then inserted again, has two records, and the reader must take
+    the first, also when they sit in different sorted runs that have not merged."""
+    from embstore.fs import FileSystem as RealFS
+    from embstore.versions import KeyUndoReader, KeyUndoWriter
+    path = tmp_path / "t.keyundo"
+    writer, reader = KeyUndoWriter(RealFS(), path, 100), KeyUndoReader(path, 100)
+    writer.record_before(np.arange(10, 20), np.arange(10))  # keys 10..19 at rows 0..9
+    reader.refresh()
+    writer.record_before(np.array([15, 15]), np.array([-1, -1]))  # 15 deleted, back
+    reader.refresh()
+    assert [len(r) for r in reader.runs] == [10, 1]  # not merged: 10 > 2 x 1
+    rows = np.full(3, -7, np.int64)
+    recorded = reader.patch(np.array([15, 10, 99]), rows)
+    assert rows.tolist() == [5, 0, -7] and recorded.tolist() == [True, True, False]
+    writer.record_before(np.array([15, 16]), np.array([3, 500]))  # 500: inserted since
+    for _ in range(3):  # runs merge as they grow alike: still the first record
+        writer.record_before(np.arange(1000 + 10 * _, 1010 + 10 * _), np.zeros(10, np.int64))
+        reader.refresh()
+    assert len(reader.runs) < 5
+    rows = np.full(2, -7, np.int64)
+    reader.patch(np.array([15, 16]), rows)
+    assert rows.tolist() == [5, 6]
+    writer.close()
+    reader.close()
+
+
 def test_switching_to_named_snapshots_serves_each_as_it_was_taken(tmp_path):
     from embstore.serving import Serving
     live = tmp_path / "live"

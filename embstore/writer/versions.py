@@ -73,8 +73,8 @@ class VersionKeeper:
         writer = self.undo[name] = UndoWriter(self.fs, undo_path(self.root, self.version, name),
                                               meta.dim, count)
         if meta.key_type is not None:
-            self.key_undo[name] = KeyUndoWriter(self.fs,
-                                                key_undo_path(self.root, self.version, name))
+            self.key_undo[name] = KeyUndoWriter(
+                self.fs, key_undo_path(self.root, self.version, name), count)
         return writer
 
     def before_apply(self, table: Table, rows: np.ndarray) -> None:
