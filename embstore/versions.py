@@ -271,6 +271,8 @@ class _AppendReader:
         if count is None or count <= self.count:
             return None
         size = self.record.itemsize
+        if HEADER + count * size > os.fstat(self.fd).st_size:  # before any allocation
+            raise FormatError(f"{self.path}: undo records shorter than the published count")
         data = os.pread(self.fd, (count - self.count) * size, HEADER + self.count * size)
         if len(data) != (count - self.count) * size:
             raise FormatError(f"{self.path}: undo records shorter than the published count")

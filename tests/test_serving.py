@@ -381,6 +381,24 @@ def test_a_key_changed_twice_in_a_version_reads_its_first_record_across_runs(tmp
     reader.close()
 
 
+@pytest.mark.parametrize("kind", ["rows", "keys"])
+def test_an_undo_count_beyond_the_file_is_refused_before_reading(tmp_path, kind):
+    """Before: a hostile count of 2^40 records made the reader allocate 2^40 record
+    sizes (MemoryError); the count is checked against the file's size first."""
+    import struct
+    from embstore.errors import FormatError
+    from embstore.versions import KeyUndoReader, UndoReader
+    count = 1 << 40
+    magic, dim = (b"EMBUNDO1", 2) if kind == "rows" else (b"EMBKEYU1", 0)
+    header = struct.pack("<8sIIQQ", magic, dim, 0, count, ~count & (2**64 - 1))
+    path = tmp_path / "undo"
+    path.write_bytes(header.ljust(64, b"\0") + bytes(16))
+    reader = UndoReader(path, 2, 10) if kind == "rows" else KeyUndoReader(path, 10)
+    with pytest.raises(FormatError, match="shorter"):
+        reader.refresh()
+    reader.close()
+
+
 def test_switching_to_named_snapshots_serves_each_as_it_was_taken(tmp_path):
     from embstore.serving import Serving
     live = tmp_path / "live"
