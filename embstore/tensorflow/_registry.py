@@ -215,7 +215,7 @@ def close_stores() -> None:
                 store.close()
         _opened_here.clear()
         _stores.clear()
-        _changed()
+        _following.clear()  # before the unbinding: a rebind must not take a patcher
         _overrides.clear()
         _override_all[0] = None
-        _following.clear()
+        _changed()
