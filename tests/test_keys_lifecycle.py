@@ -264,7 +264,7 @@ def test_a_reader_catching_the_writer_between_keys_and_header_does_not_call_it_d
     reader that read the previous commit's header, then the next commit's keys, found the
     data CRC wrong, warned "keys are damaged" and rebuilt a private copy from LMDB (O(n),
     seen in the serving race). Now it reads the header again while the CRC disagrees."""
-    from embstore.keys import index as index_module
+    from embstore.keys import loading
     path = tmp_path / "s"
     keys_bin = path / "tables" / "t" / "index" / "keys.bin"
     with keyed_store(path, missing="zeros") as store:
@@ -283,7 +283,7 @@ def test_a_reader_catching_the_writer_between_keys_and_header_does_not_call_it_d
 
                 def writer_finishes(seconds: float) -> None:  # ...then the writer does
                     os.pwrite(fd, second, 0)
-                monkeypatch.setattr(index_module.time, "sleep", writer_finishes)
+                monkeypatch.setattr(loading.time, "sleep", writer_finishes)
                 r.refresh()
                 np.testing.assert_array_equal(r.rows_of([1, 2, 3]), [-1, -1, 3])
             finally:

@@ -161,7 +161,7 @@ def _manifest_ignores_crc() -> None:
 
 
 def _keyfile_trusts_count() -> None:
-    from embstore.keys import index, keyfile
+    from embstore.keys import keyfile, loading
 
     unpack = keyfile.unpack_header
 
@@ -169,7 +169,7 @@ def _keyfile_trusts_count() -> None:
         return unpack(raw, 1 << 62, path, key_type)  # BROKEN: the file size is not checked
 
     keyfile.unpack_header = trusting
-    index.unpack_header = trusting
+    loading.unpack_header = trusting
 
 
 def _reader_without_seqlock() -> None:
