@@ -11,27 +11,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from embstore.keys.keyfile import HEADER_SIZE, TOMBSTONE, unpack_header
+from embstore.keys.state import IndexState
 
 
-class IndexInspection:
+class IndexInspection(IndexState):
     """Read-only views of a KeyIndex for checks (``embstore.check.keys``) and benchmarks."""
-
-    # set by KeyIndex
-    _mutex: Any
-    _fd: int | None
-    _hash: Any
-    _keys_path: str
-    _lmdb_path: str
-    _type_code: int
-    _tmp: Any
-    _record: Any
-    rebuilt: str | None
-
-    def _check_open(self) -> None:  # pragma: no cover - KeyIndex defines it
-        raise NotImplementedError
-
-    def _ensure_hash(self) -> Any:  # pragma: no cover - KeyIndex defines it
-        raise NotImplementedError
 
     def stats(self) -> dict[str, float]:
         """Hash shape and RAM, for benchmarks: count, capacity, bytes, displacement."""

@@ -19,43 +19,12 @@ from embstore.keys.convert import (
     new_bytes_key_hashes,
 )
 from embstore.keys.keyfile import HEADER_SIZE, TOMBSTONE, pack_header
+from embstore.keys.state import IndexState
 
 
-class IndexLifecycle:
-    """Deletion, the free list and what readers of the lifecycle need; KeyIndex sets
-    the attributes and defines the helpers named below."""
-
-    _mutex: Any
-    _record: Any
-    _free: np.ndarray | None
-    _applied: int | None
-    _count: int
-    _fd: int | None
-    _fs: Any
-    _hash: Any
-    _type_code: int
-    _data_crc: int
-    _hashed_crc: int
-    _generation: int
-    _broken: str | None
-    _keys_path: str
-    readonly: bool
-    key_type: str
-
-    def _check_open(self) -> None:  # pragma: no cover - KeyIndex defines these
-        raise NotImplementedError
-
-    def _check_writable(self) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _ensure_hash(self) -> Any:  # pragma: no cover
-        raise NotImplementedError
-
-    def keys_of(self, rows: Any) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
-
-    def to_int64(self, keys: Any) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
+class IndexLifecycle(IndexState):
+    """Deletion, the free list and what readers of the lifecycle need (state in
+    ``IndexState``)."""
 
     def free_rows(self) -> np.ndarray:
         """The free list (rows a deleted key left, ascending): where new keys go first."""

@@ -25,7 +25,8 @@ from embstore.keys.keyfile import (
     keys_file_bytes,
     unpack_header,
 )
-from embstore.keys.restore import KeySource, restore_keys, rolled_back
+from embstore.keys.restore import restore_keys, rolled_back
+from embstore.keys.state import IndexState
 
 log = logging.getLogger("embstore.keys")
 
@@ -33,37 +34,8 @@ HEADER_RETRIES = 5  # a reader may catch the writer mid-header; retry before "da
 COUNT_RETRIES = 12  # a reader may catch the writer between LMDB commit and append (~0.4 s)
 
 
-class IndexLoading:
-    """Loading, repair and the hash of ``KeyIndex``, which sets the attributes and
-    defines the helpers named below."""
-
-    directory: str
-    readonly: bool
-    rebuilt: str | None
-    restored: str | None
-    _mutex: Any
-    _record: Any
-    _fs: Any
-    _fd: int | None
-    _tmp: Any
-    _hash: Any
-    _count: int
-    _data_crc: int
-    _hashed_crc: int
-    _generation: int
-    _stale: bool
-    _free: np.ndarray | None
-    _broken: str | None
-    _ino: int
-    _damaged_ino: int | None
-    _known_rows: int
-    _restore_source: KeySource | None
-    _keys_path: str
-    _lmdb_path: str
-    _type_code: int
-
-    def _check_open(self) -> None:  # pragma: no cover - KeyIndex defines it
-        raise NotImplementedError
+class IndexLoading(IndexState):
+    """Loading, repair and the hash of ``KeyIndex`` (state in ``IndexState``)."""
 
     def _read_header(self, fd: int, path: str) -> tuple[int, int, int]:
         """(count, data_crc, generation) of an open keys file, retrying a CRC mismatch
