@@ -52,15 +52,25 @@ class Version:
         if any(name not in catalog.manifest for name in rows):
             catalog.manifest.add_new_tables()  # created by the writer since we opened
         present = [name for name in rows if name in catalog.manifest]
+        # undo records name rows below the version's count, which is at most the
+        # table's: a count claiming more sizes nothing (a hostile ROWS file)
+        bound = {name: _rows_bound(catalog.get(name), rows[name]) for name in present}
         self.undo = {name: UndoReader(undo_path(root, number, name),
-                                      catalog.manifest.meta(name).dim, rows[name])
+                                      catalog.manifest.meta(name).dim, bound[name])
                      for name in present}
-        self.key_undo = {name: KeyUndoReader(key_undo_path(root, number, name), rows[name])
+        self.key_undo = {name: KeyUndoReader(key_undo_path(root, number, name), bound[name])
                          for name in present if catalog.manifest.meta(name).key_type}
 
     def close(self) -> None:
         for reader in [*self.undo.values(), *self.key_undo.values()]:
             reader.close()
+
+
+def _rows_bound(table: Table, claimed: int) -> int:
+    """``claimed`` rows, or the rows the table has if fewer (after catching up)."""
+    if claimed > table.num_rows and not table.writable:
+        table.refresh()
+    return min(claimed, table.num_rows)
 
 
 class Follower:

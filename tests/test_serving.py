@@ -399,6 +399,36 @@ def test_an_undo_count_beyond_the_file_is_refused_before_reading(tmp_path, kind)
     reader.close()
 
 
+def test_a_version_claiming_huge_tables_allocates_nothing_for_them(tmp_path):
+    """Before: a ROWS file claiming 2^50 rows made the writer's open allocate a seen-map
+    of 2^50 bytes, and a reader with one undo record a position map of 2^53 (both
+    MemoryError). A writer now publishes a fresh version over one that claims more rows
+    than its tables have; a reader bounds a version's rows by the table's."""
+    import struct
+    from embstore.errors import FormatError
+    path = tmp_path / "store"
+    with embstore.create(path, serve_versions=True) as store:
+        store.create_table("a", 2, rows=8)
+    version = embstore.versions.read_version(path)[0]
+    rows_file = path / "serve" / str(version) / "ROWS"
+    body = json.loads(rows_file.read_text())
+    body["tables"]["a"] = 1 << 50
+    rows_file.write_text(json.dumps(body))
+    count = 1
+    header = struct.pack("<8sIIQQ", b"EMBUNDO1", 2, 0, count, ~count & (2**64 - 1))
+    (path / "serve" / str(version) / "a.undo").write_bytes(
+        header.ljust(64, b"\0") + struct.pack("<qff", (1 << 50) - 1, 1.0, 1.0))
+    with embstore.open(path) as reader:
+        with pytest.raises(FormatError, match="outside"):
+            reader.lookup({"a": [0]})
+    with embstore.open(path, "r+", serve_versions=True) as writer:
+        assert embstore.versions.read_version(path)[0] > version  # a fresh one
+        writer["a"].update([1], full(1, 2, 3.0))
+        writer.checkpoint()
+        with embstore.open(path) as reader:
+            assert reader.lookup({"a": [1]})["a"][0, 0] == 3
+
+
 def test_switching_to_named_snapshots_serves_each_as_it_was_taken(tmp_path):
     from embstore.serving import Serving
     live = tmp_path / "live"

@@ -55,6 +55,10 @@ class VersionKeeper:
         the first one (the store as it is now)."""
         published = read_version(self.root)
         rows = read_rows(self.root, published[0]) if published else None
+        if rows is not None and any(
+                name in self.catalog.manifest and count > self.catalog.manifest.meta(name).num_rows
+                for name, count in rows.items()):
+            rows = None  # claims rows no table has (a damaged or hostile file): start anew
         if published is None or rows is None:
             self.fs.mkdir(serve_dir(self.root), exist_ok=True)
             self._publish((published or (0, 0))[0] + 1, lsn)
