@@ -167,10 +167,15 @@ class _AppendFile:
         self.fd = self.fs.open(self.path, os.O_WRONLY)
         return np.frombuffer(data, self.record, count, HEADER)
 
-    def _append(self, records: np.ndarray) -> None:
+    def create(self) -> None:
+        """Make the file, with no records: readers then open it once, rather than look
+        for it at every batch until the first record."""
         if self.fd is None:
             self.fd = self.fs.create(self.path)
             self._publish(0)
+
+    def _append(self, records: np.ndarray) -> None:
+        self.create()
         self.fs.pwrite_all(self.fd, records.tobytes(), HEADER + self.count * self.record.itemsize)
         self._publish(self.count + len(records))
 

@@ -61,6 +61,25 @@ def test_a_batch_is_the_last_checkpoint_across_tables_while_the_writer_moves_on(
     assert (reader.lookup({"a": [1]})["a"] == 1).all()
 
 
+def test_a_version_s_undo_files_exist_from_its_publication(served, monkeypatch):
+    """Readers open them once: before, a version with no record yet had no file, and
+    every batch of every reader tried to open it (a failed open a table a batch)."""
+    import os
+    writer, reader = served
+    writer.create_table("k", 2, key_type="int64", missing="zeros")
+    writer.checkpoint()
+    version = reader.follower().published()
+    names = sorted(p.name for p in (writer.path / "serve" / str(version)).iterdir())
+    assert names == ["ROWS", "a.undo", "b.undo", "k.keyundo", "k.undo"]
+    reader.lookup({"a": [1], "b": [1], "k": [5]})
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    for _ in range(3):
+        reader.lookup({"a": [1], "b": [1], "k": [5]})
+    assert opened == []
+
+
 def test_a_switch_under_a_hot_row_cache_serves_no_stale_row_and_keeps_unchanged_ones(served):
     writer, reader = served
     ids = np.arange(0, 64)

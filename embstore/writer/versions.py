@@ -131,7 +131,10 @@ class VersionKeeper:
         self._close_undo()
         self.version, self.rows, self.undo, self.key_undo = version, tables, {}, {}
         for name, count in tables.items():
-            self._undo_writer(name, count)
+            self._undo_writer(name, count).create()
+            keys = self.key_undo.get(name)
+            if keys is not None:
+                keys.create()
         self._remove_old()
 
     def _remove_old(self) -> None:
