@@ -45,7 +45,8 @@ from embstore.snapshots import Repo, SnapshotInfo
 from embstore.snapshots.chunks import DEFAULT_LEVEL
 from embstore.snapshots.create import create_snapshot
 from embstore.storage import TableMeta
-from embstore.table import BULK_CHUNK_BYTES, Table
+from embstore.table import Table
+from embstore.table_bulk import BULK_CHUNK_BYTES
 from embstore.versions import check_serving_setting
 from embstore.writer import TableWrites, Writer
 from embstore.writer import tables as ddl

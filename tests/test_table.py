@@ -262,7 +262,7 @@ def test_append_of_other_numeric_dtypes_converts_to_float32(store_factory) -> No
 def test_import_and_export_npy_match_numpy_oracle(scratch_store, tmp_path_factory, dtype: str,
                                                   dim: int, n: int, existing: int, source: str,
                                                   chunk_bytes: int, seed: int) -> None:
-    import embstore.table as table_module
+    import embstore.table_bulk as table_module
 
     tmp = tmp_path_factory.mktemp("npy")
     table = scratch_store.create_table(f"npy{next(_names)}", dim, dtype=dtype, rows_per_shard=8,
