@@ -48,7 +48,7 @@ class Version:
 
     def __init__(self, root: Path, number: int, rows: dict[str, int],
                  catalog: Catalog) -> None:
-        self.number, self.rows = number, rows
+        self.root, self.number, self.rows = root, number, rows
         if any(name not in catalog.manifest for name in rows):
             catalog.manifest.add_new_tables()  # created by the writer since we opened
         present = [name for name in rows if name in catalog.manifest]
@@ -60,6 +60,14 @@ class Version:
                      for name in present}
         self.key_undo = {name: KeyUndoReader(key_undo_path(root, number, name), bound[name])
                          for name in present if catalog.manifest.meta(name).key_type}
+
+    def undo_of(self, name: str) -> UndoReader:
+        """Table ``name``'s undo file; TableNotFoundError if the version has no such table."""
+        undo = self.undo.get(name)
+        if undo is None:
+            raise TableNotFoundError(f"no table {name!r} in version {self.number} of "
+                                     f"store {self.root} (tables: {sorted(self.rows)})")
+        return undo
 
     def close(self) -> None:
         for reader in [*self.undo.values(), *self.key_undo.values()]:
@@ -175,10 +183,7 @@ class Follower:
         return self._gather(version, name, ids)
 
     def _gather(self, version: Version, name: str, ids: Any) -> np.ndarray:
-        undo = version.undo.get(name)
-        if undo is None:
-            raise TableNotFoundError(f"no table {name!r} in version {version.number} of "
-                                     f"store {self.root} (tables: {sorted(version.rows)})")
+        undo = version.undo_of(name)
         table = self.catalog.get(name)
         if table.key_type is not None:
             return self._gather_keys(version, table, ids)
@@ -194,10 +199,7 @@ class Follower:
         version's rows raise, changed rows get their version values (see ``begin``)."""
         with self._lock:
             version = self._version()
-        undo = version.undo.get(name)
-        if undo is None:
-            raise TableNotFoundError(f"no table {name!r} in version {version.number} of "
-                                     f"store {self.root} (tables: {sorted(version.rows)})")
+        undo = version.undo_of(name)
         check_ids_at(ids, version.rows[name], name)
         if ids.size and int(ids.min()) < 0:
             raise IdOutOfRangeError(int(ids.min()), version.rows[name], name)
