@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from benchsuite.host import evict, warm  # noqa: E402  (per-file DONTNEED; read through)
-from benchsuite.procs import release  # noqa: E402
+from benchsuite.procs import ready_children  # noqa: E402
 from benchsuite.scenarios.s6_serving import pss  # noqa: E402
 DIM, BATCH = 64, 4096
 CHUNK_ROWS = 1 << 20
@@ -385,23 +385,12 @@ def pss_group(path: Path, n: int, cache_bytes: int, kind: str = "gather",
     params = {"job": "pss_serve", "kind": kind, "path": str(path), "cache_bytes": cache_bytes,
               "rows": rows_in(path),
               "model": str(model) if model else None}
-    procs = [subprocess.Popen(child_argv(params),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-             for _ in range(n)]
-    try:
-        ready = []
-        for p in procs:
-            line = p.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                raise RuntimeError(f"a {kind} serving process exited ({p.wait()})")
-            ready.append(json.loads(line))
+    with ready_children(child_argv(params), n, f"{kind} serving", env, 60) as (procs, ready):
         each = [smaps_parts(p.pid, path) for p in procs]
         got: dict[str, Any] = {k: sum(e[k] for e in each) for k in (*PARTS, "total", "rollup", "page_tables")}
         got.update(pss_bytes=got["total"], cache_rows=[r["cache_rows"] for r in ready],
                    each=each, stages=[r["stages"] for r in ready])
         return got
-    finally:
-        release(procs, 60)
 
 
 def rows_in(store: Path) -> int:

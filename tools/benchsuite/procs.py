@@ -5,10 +5,11 @@ JSON line, the last on its stdout (tools/bench_suite.py --_child S2.ltm '{...}')
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from benchsuite.host import ROOT
 
@@ -83,3 +84,23 @@ def release(procs: list[subprocess.Popen], timeout: float = 30) -> None:
         except (BrokenPipeError, ValueError, subprocess.TimeoutExpired):
             p.kill()
             p.wait()
+
+
+@contextlib.contextmanager
+def ready_children(argv: list[str], n: int, what: str, env: dict[str, str] | None = None,
+                   timeout: float = 30) -> Iterator[tuple[list[subprocess.Popen],
+                                                          list[dict[str, Any]]]]:
+    """``n`` children of ``argv`` that each print one JSON line when ready, then wait on
+    stdin: (the processes, their ready lines) once all are ready; released on exit."""
+    procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=env) for _ in range(n)]
+    try:
+        ready = []
+        for p in procs:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"a {what} process exited ({p.wait()})")
+            ready.append(json.loads(line))
+        yield procs, ready
+    finally:
+        release(procs, timeout)

@@ -3,8 +3,6 @@ row; their total proportional set size says what N copies of a server cost."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ import numpy as np
 from benchsuite.cases import Skip, log, make_case, stats
 from benchsuite.fmt import size_text
 from benchsuite.host import main_copy, meminfo, scratch, warm
-from benchsuite.procs import child_argv, emit, release
+from benchsuite.procs import child_argv, emit, ready_children
 
 TITLE = "Memory of N serving processes"
 USES_MAIN_TABLE = True
@@ -33,19 +31,9 @@ def pss(pid: int) -> int:
 
 def serve_group(kind: str, path: Path, n: int, batch: int) -> tuple[int, float]:
     """Total PSS of ``n`` serving processes once all are ready, and the slowest's time."""
-    procs = [subprocess.Popen(child_argv("S6.serve", kind=kind, path=str(path), batch=batch),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for _ in range(n)]
-    try:
-        ready = []
-        for p in procs:
-            line = p.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                raise RuntimeError(f"a {kind} serving process exited ({p.wait()})")
-            ready.append(json.loads(line)["ready_s"])
-        return sum(pss(p.pid) for p in procs), max(ready)
-    finally:
-        release(procs)
+    with ready_children(child_argv("S6.serve", kind=kind, path=str(path), batch=batch), n,
+                        f"{kind} serving") as (procs, ready):
+        return sum(pss(p.pid) for p in procs), max(r["ready_s"] for r in ready)
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
