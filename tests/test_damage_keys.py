@@ -320,30 +320,40 @@ def test_flipped_key_in_keys_bin_never_reaches_head_get_or_export(tmp_path, mode
         np.testing.assert_array_equal(ids, np.arange(10))
 
 
+LMDB_KEYS_BASE = 7 << 40  # keys whose 8 bytes occur nowhere else in data.mdb
+
+
+def lmdb_key_swapped_and_repaired(tmp_path, rows: np.ndarray, to: int) -> None:
+    """80 keys from LMDB_KEYS_BASE with ``rows``; then key 31's bytes in data.mdb become
+    key ``to`` (a flip in LMDB's B-tree). check must blame LMDB, naming ``to``, and
+    check --fix must not rebuild keys.bin from it: keys.bin stays byte for byte."""
+    from embstore.check import check_store, repair
+    from embstore.keys.convert import encode_int_key
+
+    base = LMDB_KEYS_BASE
+    with create_store(tmp_path) as store:
+        store.create_table("k", 4, key_type="int64", missing="raise").insert(
+            np.arange(base, base + 80), rows)
+    mdb = data_mdb(tmp_path)
+    data = mdb.read_bytes()
+    assert data.count(encode_int_key(base + 31)) == 1
+    mdb.write_bytes(data.replace(encode_int_key(base + 31), encode_int_key(to)))
+    keys_bin = (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes()
+    faults = check_store(tmp_path)
+    assert any(f.fatal and "keys.lmdb" in f.path and f"key {to}" in f.message
+               for f in faults), [str(f) for f in faults]
+    done = repair(tmp_path, faults)
+    assert not any("rebuilt" in line for line in done.fixed), done
+    assert (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes() == keys_bin
+
+
 def test_lmdb_giving_one_key_two_rows_is_reported_and_never_copied_into_keys_bin(tmp_path):
     """Found by the torture suite (T4, data.mdb flips): a bit flip turned a key of LMDB's
     B-tree into another key it holds. check blamed keys.bin ("key mismatch"), check --fix
     rebuilt the good keys.bin from the damaged LMDB and called the store clean, and the
     next open failed. Emulated exactly: key 31's bytes in data.mdb become key 25's."""
-    from embstore.check import check_store, repair
-    from embstore.keys.convert import encode_int_key
-
-    base = 7 << 40  # keys whose 8 bytes occur nowhere else in data.mdb
-    with create_store(tmp_path) as store:
-        store.create_table("k", 4, key_type="int64", missing="raise").insert(
-            np.arange(base, base + 80), np.ones((80, 4), np.float32))
-    mdb = data_mdb(tmp_path)
-    data = mdb.read_bytes()
-    assert data.count(encode_int_key(base + 31)) == 1
-    mdb.write_bytes(data.replace(encode_int_key(base + 31), encode_int_key(base + 25)))
-    keys_bin = (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes()
-    faults = check_store(tmp_path)
-    assert any(f.fatal and "keys.lmdb" in f.path and f"key {base + 25}" in f.message
-               for f in faults), \
-        [str(f) for f in faults]
-    done = repair(tmp_path, faults)
-    assert not any("rebuilt" in line for line in done.fixed), done
-    assert (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes() == keys_bin
+    from embstore.check import check_store
+    lmdb_key_swapped_and_repaired(tmp_path, np.ones((80, 4), np.float32), LMDB_KEYS_BASE + 25)
     assert any(f.fatal for f in check_store(tmp_path))
 
 
@@ -352,24 +362,8 @@ def test_a_flipped_lmdb_key_never_replaces_a_key_that_keys_bin_vouches_for(tmp_p
     check blamed keys.bin, whose data CRC was intact, and check --fix rebuilt it from
     LMDB, so the row's key was replaced. An intact keys.bin of a store whose index
     applied nothing past its checkpoint is the keys' record: the mismatch is LMDB's."""
-    from embstore.check import check_store, repair
-    from embstore.keys.convert import encode_int_key
-
-    base = 7 << 40
-    with create_store(tmp_path) as store:
-        store.create_table("k", 4, key_type="int64", missing="raise").insert(
-            np.arange(base, base + 80), np.arange(320, dtype=np.float32).reshape(80, 4))
-    mdb = data_mdb(tmp_path)
-    data = mdb.read_bytes()
-    assert data.count(encode_int_key(base + 31)) == 1
-    mdb.write_bytes(data.replace(encode_int_key(base + 31), encode_int_key(base + 1000)))
-    keys_bin = (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes()
-    faults = check_store(tmp_path)
-    assert any(f.fatal and "keys.lmdb" in f.path and f"key {base + 1000}" in f.message
-               for f in faults), [str(f) for f in faults]
-    done = repair(tmp_path, faults)
-    assert not any("rebuilt" in line for line in done.fixed), done
-    assert (tmp_path / "tables" / "k" / "index" / "keys.bin").read_bytes() == keys_bin
+    rows = np.arange(320, dtype=np.float32).reshape(80, 4)
+    lmdb_key_swapped_and_repaired(tmp_path, rows, LMDB_KEYS_BASE + 1000)
     with embstore.open(tmp_path) as store:  # the key keeps its row
-        np.testing.assert_array_equal(store["k"].gather([base + 31]),
+        np.testing.assert_array_equal(store["k"].gather([LMDB_KEYS_BASE + 31]),
                                       np.arange(124, 128, dtype=np.float32).reshape(1, 4))
