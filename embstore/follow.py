@@ -186,7 +186,7 @@ class Follower:
         undo = version.undo_of(name)
         table = self.catalog.get(name)
         if table.key_type is not None:
-            return self._gather_keys(version, table, ids)
+            return self._gather_keys(version, table, undo, ids)
         ids = as_ids(ids, version.rows[name], name)
         check_ids_at(ids, version.rows[name], name)
         out = table.gather_rows(ids)  # each row whole (seqlock); the newest values
@@ -225,14 +225,15 @@ class Follower:
             # An unknown key that did not change since the version: this reader's index
             # may lag its writer; look again once after catching up.
             before = (index.count, index.generation)
-            table.refresh()
-            index.refresh()
+            if not table.refresh():  # (which refreshes the index when rows were added)
+                index.refresh()
             if (index.count, index.generation) == before:
                 break
         check_ids_at(rows, version.rows[table.name], table.name)
         return rows
 
-    def _gather_keys(self, version: Version, table: Table, keys: Any) -> np.ndarray:
+    def _gather_keys(self, version: Version, table: Table, undo: UndoReader,
+                     keys: Any) -> np.ndarray:
         int_keys = table._keyed().to_int64(keys)
         flat_keys = np.ascontiguousarray(int_keys.reshape(-1))
         rows = self._rows_of_keys(version, table, flat_keys)
@@ -246,7 +247,7 @@ class Follower:
         if known.any():
             at = rows[known]
             got = table.gather_rows(at)  # each row whole (seqlock); the newest values
-            self._patch(version.undo[table.name], at, got)
+            self._patch(undo, at, got)
             out[known] = got
         if not known.all():
             out[~known] = table.initial_rows(flat_keys[~known])

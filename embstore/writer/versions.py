@@ -66,20 +66,22 @@ class VersionKeeper:
         self.version, self.rows = published[0], rows
         for name, count in rows.items():
             if name in self.catalog.manifest:
-                self._undo_writer(name, count).adopt()
-                keys = self.key_undo.get(name)
-                if keys is not None:
-                    keys.adopt()
+                for writer in self._undo_writers(name, count):
+                    writer.adopt()
         self._fd = self.fs.open(serve_dir(self.root) / VERSION_NAME, os.O_WRONLY)
 
-    def _undo_writer(self, name: str, count: int) -> UndoWriter:
+    def _undo_writers(self, name: str, count: int) -> list[UndoWriter | KeyUndoWriter]:
+        """Table ``name``'s undo writer for the current version, and its key undo
+        writer if it is keyed."""
         meta = self.catalog.manifest.meta(name)
-        writer = self.undo[name] = UndoWriter(self.fs, undo_path(self.root, self.version, name),
-                                              meta.dim, count)
+        made: list[UndoWriter | KeyUndoWriter] = [UndoWriter(
+            self.fs, undo_path(self.root, self.version, name), meta.dim, count)]
+        self.undo[name] = made[0]
         if meta.key_type is not None:
             self.key_undo[name] = KeyUndoWriter(
                 self.fs, key_undo_path(self.root, self.version, name), count)
-        return writer
+            made.append(self.key_undo[name])
+        return made
 
     def before_apply(self, table: Table, rows: np.ndarray) -> None:
         """Record the version's values of ``rows`` that are about to be overwritten."""
@@ -131,10 +133,8 @@ class VersionKeeper:
         self._close_undo()
         self.version, self.rows, self.undo, self.key_undo = version, tables, {}, {}
         for name, count in tables.items():
-            self._undo_writer(name, count).create()
-            keys = self.key_undo.get(name)
-            if keys is not None:
-                keys.create()
+            for writer in self._undo_writers(name, count):
+                writer.create()
         self._remove_old()
 
     def _remove_old(self) -> None:
